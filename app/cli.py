@@ -1,0 +1,38 @@
+"""The ``cxr`` console script: one entry point to every capability.
+
+Each package registers its own command group (``register(root)``); heavy imports (torch, monai,
+mlflow) happen inside the commands so ``cxr --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+root = typer.Typer(
+    name="cxr",
+    help="COVID-19 chest X-ray + vitals reference system (research software, NOT a medical device).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# (module, purpose) — each module defines register(root: typer.Typer)
+COMMAND_MODULES = [
+    "pipelines.data_cli",  # cxr data synth/check/import/versions/add-batch
+    "models.cli",  # cxr train / evaluate
+    "compliance.cli",  # cxr users / tokens / model / audit
+    "pipelines.cli",  # cxr pipeline compile/run/submit, cxr reproduce
+    "app.serve_cli",  # cxr serve
+    "app.demo",  # cxr demo
+]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(root)
+
+
+def main() -> None:
+    root()
+
+
+if __name__ == "__main__":
+    main()

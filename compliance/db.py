@@ -1,0 +1,85 @@
+"""The app database: users, tokens, audit trail, predictions and outcomes (SQLAlchemy).
+
+SQLite (WAL, synchronous=FULL so a committed row survives a crash) by default; PostgreSQL
+through ``CXR_DATABASE_URL``. Tables from every package register on the one ``Base`` and are
+created on first use.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from app.config import get_settings
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+
+
+def _import_all_tables() -> None:
+    # Every module that defines tables on Base; imported here so create_all sees them all.
+    import compliance.audit  # noqa: F401
+    try:
+        import compliance.users  # noqa: F401
+    except ImportError:
+        pass
+    try:
+        import app.storage  # noqa: F401
+    except ImportError:
+        pass
+
+
+def get_engine(url: str | None = None) -> Engine:
+    url = url or get_settings().app_database_url
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            kwargs: dict = {}
+            if url.startswith("sqlite"):
+                kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            engine = create_engine(url, **kwargs)
+            if url.startswith("sqlite"):
+
+                @event.listens_for(engine, "connect")
+                def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+                    cur = dbapi_conn.cursor()
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    cur.execute("PRAGMA synchronous=FULL")
+                    cur.execute("PRAGMA busy_timeout=30000")
+                    cur.close()
+
+            _import_all_tables()
+            Base.metadata.create_all(engine)
+            _engines[url] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests switch CXR_HOME between cases)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A transaction: committed on success, rolled back on error."""
+    session = sessionmaker(bind=get_engine(url), expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

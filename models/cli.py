@@ -1,0 +1,6 @@
+"""Command group placeholder: filled in by its package."""
+import typer
+
+
+def register(root: typer.Typer) -> None:
+    pass
