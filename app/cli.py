@@ -26,6 +26,24 @@ COMMAND_MODULES = [
     "app.demo",  # cxr demo
 ]
 
+
+@root.callback()
+def _root() -> None:
+    """COVID-19 chest X-ray + vitals reference system. Research software: NOT a medical device."""
+
+
+@root.command("version")
+def version() -> None:
+    """Print the system version and the versions of its key components."""
+    from importlib.metadata import PackageNotFoundError, version as v
+
+    for pkg in ["covid-cxr", "torch", "monai", "pydicom", "mlflow", "dvc", "kfp", "fastapi"]:
+        try:
+            typer.echo(f"{pkg} {v(pkg)}")
+        except PackageNotFoundError:
+            typer.echo(f"{pkg} not installed")
+
+
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(root)
 
