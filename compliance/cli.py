@@ -1,6 +1,419 @@
-"""Command group placeholder: filled in by its package."""
+"""``cxr users``, ``cxr tokens``, ``cxr model``, ``cxr audit``: governance from the command line.
+
+Acting user: ``--as USER``, else ``CXR_USER``, else the OS user (``app.config.acting_user``).
+
+Who may do what on the CLI
+--------------------------
+* Bootstrap: while the user table is empty, the local operator (whoever can write CXR_HOME) may
+  create the FIRST user, and it must have the ``admin`` role. This is audited like any creation.
+* Afterwards ``users add/disable/unlock`` and ``tokens issue/revoke`` need the acting user to be an
+  active ``admin``. The CLI trusts the OS account for the acting user's identity (the database
+  sits in CXR_HOME, writable by that account anyway); every such action is attributed in the audit
+  trail, and denials are audited (``auth.permission_denied``).
+* Signing (``model approve/reject/rollback/retire``) always re-authenticates the signer with their
+  password (§11.200): ``--password-stdin`` reads one line from stdin, otherwise a hidden prompt.
+* ``audit export`` needs ``compliance_officer`` or ``admin``; ``audit verify``, ``model
+  check/list/show/card`` are read-only and open to any operator.
+
+Every refusal prints one clear message on stderr and exits non-zero (1); never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+class _LazyConsole:
+    """A Rich console bound at print time (so test runners' stream swaps work), wide when piped so
+    tables and hashes are not wrapped for machines reading the output."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self.stderr = stderr
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        stream = sys.stderr if self.stderr else sys.stdout
+        width = None if stream.isatty() else 200
+        Console(file=stream, width=width, stderr=self.stderr).print(*args, **kwargs)
+
+
+out = _LazyConsole()
+err = _LazyConsole(stderr=True)
+
+users_app = typer.Typer(help="Users and roles (admin).", no_args_is_help=True)
+tokens_app = typer.Typer(help="API bearer tokens (admin).", no_args_is_help=True)
+model_app = typer.Typer(help="Model governance: release policy, signed approvals, roll-back.", no_args_is_help=True)
+audit_app = typer.Typer(help="Audit trail: verify the hash chain, export compliance reports.", no_args_is_help=True)
+
+AsUser = Annotated[Optional[str], typer.Option("--as", help="acting user (default: CXR_USER, else the OS user)")]
+PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="read the password from the first line of stdin")]
+JsonOut = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn every expected failure into a message + non-zero exit (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from compliance.policy import PolicyError
+        from compliance.registry_access import RegistryError
+        from compliance.users import GovernanceError
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except (GovernanceError, RegistryError, PolicyError) as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:  # unexpected: still no traceback for the operator
+            _fail(f"{type(exc).__name__}: {exc}")
+
+    return wrapper
+
+
+def _read_password(from_stdin: bool, prompt: str = "Password", confirm: bool = False) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            _fail("--password-stdin given but stdin is empty")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        _fail("no terminal to prompt for a password: use --password-stdin")
+    return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+
+
+def _actor(explicit: str | None) -> str:
+    from app.config import acting_user
+
+    return acting_user(explicit)
+
+
+def _require_admin(actor: str, action: str, subject: str = "") -> None:
+    from compliance.users import require_role
+
+    require_role(actor, ("admin",), action=action, subject=subject)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- users
+@users_app.command("add")
+@guarded
+def users_add(name: str, role: Annotated[str, typer.Option("--role", help="clinician|researcher|approver|compliance_officer|admin")],
+              full_name: Annotated[Optional[str], typer.Option("--full-name", help="printed name on e-signatures")] = None,
+              password_stdin: PasswordStdin = False, as_user: AsUser = None) -> None:
+    """Create a user. The first user of an installation must be an admin (bootstrap)."""
+    from compliance.users import ROLES, count_users, create_user
+
+    actor = _actor(as_user)
+    if role not in ROLES:
+        _fail(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+    if count_users() == 0:
+        if role != "admin":
+            _fail("no users exist yet: the first user must have role admin (bootstrap rule)")
+    else:
+        _require_admin(actor, "user.create", f"user/{name}")
+    password = _read_password(password_stdin, f"Password for {name}", confirm=True)
+    user = create_user(name, role, password, full_name=full_name, actor=actor)
+    out.print(f"created user [bold]{user.name}[/] ({user.role}, printed name {user.full_name!r})", highlight=False)
+
+
+@users_app.command("list")
+@guarded
+def users_list(json_out: JsonOut = False) -> None:
+    """List users (never shows credentials)."""
+    from compliance.users import list_users
+
+    rows = [u.as_dict() for u in list_users()]
+    if json_out:
+        return _print_json(rows)
+    t = Table("name", "full name", "role", "active", "locked", "created", "created by")
+    for r in rows:
+        t.add_row(r["name"], r["full_name"], r["role"], str(r["active"]), str(r["locked"]), r["created_at"], r["created_by"])
+    out.print(t)
+
+
+@users_app.command("disable")
+@guarded
+def users_disable(name: str, as_user: AsUser = None) -> None:
+    """Disable a user (and revoke their tokens). Users are never deleted."""
+    from compliance.users import disable_user
+
+    actor = _actor(as_user)
+    _require_admin(actor, "user.disable", f"user/{name}")
+    disable_user(name, actor=actor)
+    out.print(f"disabled user {name}")
+
+
+@users_app.command("unlock")
+@guarded
+def users_unlock(name: str, as_user: AsUser = None) -> None:
+    """Unlock an account locked after repeated failed logins."""
+    from compliance.users import unlock_user
+
+    actor = _actor(as_user)
+    _require_admin(actor, "user.unlock", f"user/{name}")
+    unlock_user(name, actor=actor)
+    out.print(f"unlocked user {name}")
+
+
+# --------------------------------------------------------------------------- tokens
+@tokens_app.command("issue")
+@guarded
+def tokens_issue(user: Annotated[str, typer.Option("--user", help="the token's owner")],
+                 days: Annotated[int, typer.Option("--days", help="validity in days (0: no expiry)")] = 365,
+                 as_user: AsUser = None) -> None:
+    """Issue a bearer token; prints the token alone on stdout (shown once, stored hashed)."""
+    from compliance.users import issue_token
+
+    actor = _actor(as_user)
+    _require_admin(actor, "token.issue", f"user/{user}")
+    typer.echo(issue_token(user, actor=actor, expires_days=days or None))
+
+
+@tokens_app.command("revoke")
+@guarded
+def tokens_revoke(token: Annotated[str, typer.Argument(help="the token, or its 12-character id")],
+                  as_user: AsUser = None) -> None:
+    """Revoke a token."""
+    from compliance.users import revoke_token
+
+    actor = _actor(as_user)
+    _require_admin(actor, "token.revoke")
+    out.print(f"revoked token {revoke_token(token, actor=actor)}")
+
+
+@tokens_app.command("list")
+@guarded
+def tokens_list(user: Annotated[Optional[str], typer.Option("--user")] = None, json_out: JsonOut = False) -> None:
+    """List tokens by id (the secret itself is never stored)."""
+    from compliance.users import list_tokens
+
+    rows = list_tokens(user)
+    if json_out:
+        return _print_json(rows)
+    t = Table("id", "user", "role", "issued", "by", "expires", "revoked")
+    for r in rows:
+        t.add_row(r["token_id"], r["user"], r["role"], r["issued_at"], r["issued_by"], r["expires_at"] or "-",
+                  r["revoked_at"] or "-")
+    out.print(t)
+
+
+# --------------------------------------------------------------------------- model
+def _policy_table(result) -> Table:
+    t = Table("criterion", "measured", "op", "threshold", "result", "note",
+              title=f"release policy {result.policy_version} — {result.model} v{result.version}")
+    for c in result.criteria:
+        t.add_row(c.id, "-" if c.measured is None else str(c.measured), c.op, "-" if c.threshold is None else str(c.threshold),
+                  "[green]PASS[/]" if c.passed else "[red]FAIL[/]", c.note)
+    return t
+
+
+@model_app.command("check")
+@guarded
+def model_check(version: str, as_user: AsUser = None, json_out: JsonOut = False) -> None:
+    """Check a version against the release policy (exit 0 only when every criterion passes)."""
+    from compliance.policy import check_release_policy
+
+    result = check_release_policy(version, actor=_actor(as_user))
+    if json_out:
+        _print_json(result.as_dict())
+    else:
+        out.print(_policy_table(result))
+        if result.error:
+            err.print(f"[red]{result.error}[/]")
+        out.print(f"overall: {'[green]PASS[/]' if result.passed else '[red]FAIL[/]'}  "
+                  f"(evaluation sha256 {result.evaluation_sha256})", highlight=False)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@model_app.command("approve")
+@guarded
+def model_approve(version: str, reason: Annotated[str, typer.Option("--reason", help="why it is approved (signed)")],
+                  as_user: AsUser = None, password_stdin: PasswordStdin = False,
+                  override_policy: Annotated[Optional[str], typer.Option(
+                      "--override-policy", help="approve despite a failing policy; REASON is recorded")] = None) -> None:
+    """Sign the approval of a candidate (approver; password asked again) and make it the champion."""
+    from compliance.approvals import approve_model_version
+
+    signer = _actor(as_user)
+    password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
+    res = approve_model_version(version, approver=signer, password=password, reason=reason,
+                                override_policy_reason=override_policy)
+    sig = res["signature"]
+    out.print(f"version {res['version']} {sig['meaning']} — signed by {sig['signer_full_name']} ({sig['signer_name']}) "
+              f"at {sig['time_utc']}; champion {res['previous_champion'] or '(none)'} → {res['version']}"
+              + ("  [yellow]POLICY OVERRIDE recorded[/]" if res["override"] else ""), highlight=False)
+
+
+@model_app.command("reject")
+@guarded
+def model_reject(version: str, reason: Annotated[str, typer.Option("--reason")], as_user: AsUser = None,
+                 password_stdin: PasswordStdin = False) -> None:
+    """Sign the rejection of a candidate version."""
+    from compliance.approvals import reject_model_version
+
+    signer = _actor(as_user)
+    password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
+    res = reject_model_version(version, approver=signer, password=password, reason=reason)
+    out.print(f"version {res['version']} rejected — signed by {res['signature']['signer_full_name']}", highlight=False)
+
+
+@model_app.command("rollback")
+@guarded
+def model_rollback(reason: Annotated[str, typer.Option("--reason")], as_user: AsUser = None,
+                   password_stdin: PasswordStdin = False) -> None:
+    """Signed roll-back: champion back to the previously approved version (current one retired)."""
+    from compliance.approvals import rollback_champion
+
+    signer = _actor(as_user)
+    password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
+    res = rollback_champion(approver=signer, password=password, reason=reason)
+    out.print(f"champion rolled back {res['from_version']} → {res['to_version']} — signed by "
+              f"{res['signature']['signer_full_name']}", highlight=False)
+
+
+@model_app.command("retire")
+@guarded
+def model_retire(version: str, reason: Annotated[str, typer.Option("--reason")] = "retired from service",
+                 as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
+    """Sign the retirement of a version that is not the champion."""
+    from compliance.approvals import retire_model_version
+
+    signer = _actor(as_user)
+    password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
+    res = retire_model_version(version, approver=signer, password=password, reason=reason)
+    out.print(f"version {res['version']} retired — signed by {res['signature']['signer_full_name']}", highlight=False)
+
+
+@model_app.command("list")
+@guarded
+def model_list(json_out: JsonOut = False) -> None:
+    """Versions with status, aliases and lineage."""
+    from compliance.approvals import list_model_versions
+
+    rows = list_model_versions()
+    if json_out:
+        return _print_json(rows)
+    t = Table("version", "status", "aliases", "dataset", "git commit", "trained by", "approved by", "created")
+    for r in rows:
+        t.add_row(r["version"], r["status"], ",".join(r["aliases"]), str(r["dataset_version"]), str(r["git_commit"]),
+                  str(r["trained_by"]), str(r["approved_by"] or "-"), r["created_utc"])
+    out.print(t)
+
+
+@model_app.command("show")
+@guarded
+def model_show(version: str, json_out: JsonOut = False) -> None:
+    """One version: status, lineage, evaluation, policy, signatures, alias history."""
+    from compliance.approvals import show_model_version
+
+    info = show_model_version(version)
+    if json_out:
+        return _print_json(info)
+    out.print(f"[bold]{info['version']}[/]  status {info['status']}  aliases {','.join(info['aliases']) or '-'}", highlight=False)
+    for k in ("dataset_version", "git_commit", "trained_by", "registered_by", "run_id", "evaluation_sha256"):
+        out.print(f"  {k}: {info.get(k)}", highlight=False)
+    if info.get("parameters"):
+        out.print("  parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(info["parameters"].items())), highlight=False)
+    pol = info["policy"]
+    out.print(f"  release policy {pol.get('policy_version', '?')}: {'PASS' if pol.get('passed') else 'FAIL'}"
+              + (f" (failed: {', '.join(pol.get('failed_criteria', []))})" if not pol.get("passed") else ""), highlight=False)
+    for s in info["signatures"]:
+        out.print(f"  signature: {s['signer_full_name']} ({s['signer_name']}) {s['time_utc']} — {s['meaning']} — "
+                  f"reason: {s['reason']}" + (f" — POLICY OVERRIDE: {s['policy_override_reason']}" if s["policy_override_reason"] else ""),
+                  highlight=False)
+    for h in info["alias_history"]:
+        out.print(f"  alias {h['alias']}: {h['from_version']} → {h['to_version']} at {h['time_utc']} by {h['actor']}",
+                  highlight=False)
+
+
+@model_app.command("card")
+@guarded
+def model_card(version: str, out_path: Annotated[Path, typer.Option("--out", help="FILE.md or FILE.pdf")],
+               fmt: Annotated[Optional[str], typer.Option("--format", help="md|pdf (default: from --out suffix)")] = None) -> None:
+    """Write the model card of a version (Markdown or PDF)."""
+    from compliance.model_card import write_model_card
+
+    path = write_model_card(version, out_path, fmt=fmt)
+    out.print(f"model card written: {path}", highlight=False)
+
+
+# --------------------------------------------------------------------------- audit
+@audit_app.command("verify")
+@guarded
+def audit_verify(json_out: JsonOut = False) -> None:
+    """Recompute the hash chain; exit 0 when intact, else 1 naming the first bad entry."""
+    from compliance.audit import verify_chain
+
+    v = verify_chain()
+    if json_out:
+        _print_json(v.as_dict())
+    elif v.ok:
+        out.print(f"audit chain intact: {v.n_entries} entries, head {v.head_hash}", highlight=False)
+    else:
+        err.print(f"[bold red]AUDIT CHAIN BROKEN[/] at entry {v.first_bad_seq}: {v.message}", highlight=False)
+    if not v.ok:
+        raise typer.Exit(1)
+
+
+def _parse_day(text: str, *, end: bool) -> str:
+    """DATE (YYYY-MM-DD; --to is inclusive) or an ISO date-time → ISO UTC string for comparison."""
+    try:
+        if len(text) == 10:
+            d = date.fromisoformat(text)
+            if end:
+                d = d + timedelta(days=1)
+            return datetime(d.year, d.month, d.day, tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    except ValueError:
+        _fail(f"invalid date {text!r}: expected YYYY-MM-DD or an ISO date-time")
+        raise  # unreachable
+
+
+@audit_app.command("export")
+@guarded
+def audit_export(from_: Annotated[str, typer.Option("--from", help="first day (YYYY-MM-DD)")],
+                 to: Annotated[str, typer.Option("--to", help="last day, inclusive (YYYY-MM-DD)")],
+                 fmt: Annotated[str, typer.Option("--format", help="pdf|csv|json")],
+                 out_path: Annotated[Path, typer.Option("--out", help="output file")],
+                 as_user: AsUser = None) -> None:
+    """Compliance report for a period (compliance_officer or admin); the export is itself audited."""
+    from compliance.reports import export_report
+    from compliance.users import require_role
+
+    if fmt not in ("pdf", "csv", "json"):
+        _fail(f"unknown format {fmt!r}: expected pdf, csv or json")
+    start, end = _parse_day(from_, end=False), _parse_day(to, end=True)
+    if start >= end:
+        _fail("--from must be before --to")
+    actor = _actor(as_user)
+    require_role(actor, ("compliance_officer", "admin"), action="report.export")
+    path = export_report(start, end, fmt, out_path, actor=actor)
+    out.print(f"report written: {path}", highlight=False)
 
 
 def register(root: typer.Typer) -> None:
-    pass
+    root.add_typer(users_app, name="users")
+    root.add_typer(tokens_app, name="tokens")
+    root.add_typer(model_app, name="model")
+    root.add_typer(audit_app, name="audit")

@@ -1,0 +1,71 @@
+"""The hospital API (FastAPI): ``create_app(settings=None)``; OpenAPI at ``/openapi.json``.
+
+Research software, not a medical device. Layout:
+
+* ``app.api.predictions`` / ``app.api.outcomes`` / ``app.api.model`` / ``app.api.audit`` /
+  ``app.api.health`` — one router per resource;
+* ``app.auth`` — bearer tokens → role, permission table, per-request audit (``api.request``);
+* ``app.problems`` — RFC 9457 problem+json for every error, upload-size limit;
+* ``app.model_service`` — the champion, loaded at start (warm-up) and switched atomically when the
+  MLflow alias moves;
+* ``app.storage`` — predictions and outcomes (no PHI), committed before a 200;
+* ``app.metrics`` — Prometheus metrics (monitoring package).
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.config import Settings, get_settings
+
+log = logging.getLogger("cxr.api")
+
+
+def create_app(settings: Settings | None = None, *, model_service=None) -> FastAPI:
+    """Build the API. ``model_service`` defaults to a ``ModelService`` polling the ``champion`` alias."""
+    from app.api import audit, health, model, outcomes, predictions
+    from app.auth import RequestAuditMiddleware
+    from app.model_service import ModelService
+    from app.problems import UploadLimitMiddleware, install_problem_handlers
+
+    settings = settings or get_settings()
+    svc = model_service or ModelService(poll_seconds=settings.champion_poll_seconds,
+                                        image_size=settings.cache_image_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from compliance.db import get_engine
+
+        get_engine()  # create tables before the first request
+        svc.start()
+        try:
+            yield
+        finally:
+            svc.stop()
+
+    app = FastAPI(
+        title="COVID-19 chest X-ray + vitals API",
+        version="1.0.0",
+        description="Hospital API of the covid-cxr reference system. Research software: NOT a medical device. "
+                    "Errors are RFC 9457 application/problem+json. Auth: bearer tokens (`cxr tokens issue`).",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.model_service = svc
+    app.state.input_cache = predictions.InputCache()
+    install_problem_handlers(app)
+    for r in (predictions.router, outcomes.router, model.router, audit.router, health.router):
+        app.include_router(r)
+    # outermost first: the audit/metrics wrapper sees the final status, including a 413 from the limit
+    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestAuditMiddleware)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For ``uvicorn --factory app.main:app_factory``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return create_app()

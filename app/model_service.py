@@ -1,0 +1,212 @@
+"""The champion holder: which model the API serves, and the atomic switch when the alias moves.
+
+* At start a background thread loads the version the MLflow alias ``champion`` points to
+  (``models.registry.load_clinical_model(version)``), warms it up (one forward on a blank image)
+  and publishes it. ``/readyz`` is ready only once a champion is published.
+* The same thread polls the alias every ``settings.champion_poll_seconds``. When it points to
+  another version, that version is loaded and warmed up *beside* the current one, then published
+  by swapping one reference under a lock. A request takes the reference once (``current()``) and
+  uses that model until it answers, so in-flight requests finish with the model they started with
+  and every response names the version that produced it. No request waits for a load.
+* The models of the last few versions stay loaded (``keep``) so a heatmap for a prediction made
+  by the previous champion is computed with that version.
+* Inference is serialised per model (``model.lock``): torch already uses every core for one
+  forward, and Grad-CAM's hooks must not see a concurrent forward.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+log = logging.getLogger("cxr.api.model")
+
+
+def champion_version() -> str | None:
+    """The version the registry alias ``champion`` points to now (None when unset)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from app.config import get_settings
+
+    s = get_settings()
+    client = MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
+    try:
+        return str(client.get_model_version_by_alias(s.registered_model_name, "champion").version)
+    except MlflowException:
+        return None
+
+
+def inference_device() -> str:
+    """``cuda`` when a GPU is present (and ``CXR_DEVICE`` does not say otherwise), else ``cpu``."""
+    import os
+
+    wanted = os.environ.get("CXR_DEVICE")
+    if wanted:
+        return wanted
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
+def _default_loader(version: str):
+    import inspect
+
+    from models.registry import load_clinical_model
+
+    if "device" in inspect.signature(load_clinical_model).parameters:
+        return load_clinical_model(version, device=inference_device())
+    return load_clinical_model(version)
+
+
+class LoadedModel:
+    """A published model plus the lock that serialises its inference."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.version = str(model.version)
+        self.name = str(getattr(model, "name", "covid-cxr"))
+        self.lock = threading.Lock()
+        self.loaded_at = time.time()
+
+    def predict(self, images, vitals):
+        with self.lock:
+            return self.model.predict(images, vitals)
+
+    def gradcam(self, image, vitals):
+        with self.lock:
+            return self.model.gradcam(image, vitals)
+
+
+class ModelService:
+    def __init__(self, *, poll_seconds: float = 5.0, loader: Callable[[str], Any] | None = None,
+                 resolver: Callable[[], str | None] | None = None, keep: int = 3,
+                 image_size: int = 256) -> None:
+        self.poll_seconds = poll_seconds
+        self._loader = loader or _default_loader
+        self._resolver = resolver or champion_version
+        self._keep = keep
+        self._image_size = image_size
+        self._lock = threading.Lock()
+        self._current: LoadedModel | None = None
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        self.switches = 0
+
+    # ------------------------------------------------------------------ reading
+    def current(self) -> LoadedModel | None:
+        return self._current  # one atomic reference read
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def model_for_version(self, version: str) -> LoadedModel:
+        """The loaded model of ``version`` (loading it if it was evicted)."""
+        with self._lock:
+            lm = self._loaded.get(str(version))
+        if lm is not None:
+            return lm
+        lm = LoadedModel(self._loader(str(version)))
+        with self._lock:
+            self._loaded[lm.version] = lm
+            self._evict()
+        return lm
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="champion-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.ready:
+                return True
+            time.sleep(0.05)
+        return self.ready
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as exc:  # keep serving the current champion; try again next poll
+                self.last_error = f"{type(exc).__name__}"
+                log.error("champion refresh failed: %s", type(exc).__name__)
+            self._stop.wait(self.poll_seconds if self.ready else min(self.poll_seconds, 1.0))
+
+    def refresh(self) -> bool:
+        """Load and publish the alias's version if it differs from the current one. True if switched."""
+        version = self._resolver()
+        if version is None:
+            return False
+        cur = self._current
+        if cur is not None and cur.version == str(version):
+            return False
+        with self._lock:
+            lm = self._loaded.get(str(version))
+        if lm is None:
+            t0 = time.perf_counter()
+            lm = LoadedModel(self._loader(str(version)))
+            self._warm_up(lm)
+            log.info("loaded model version %s in %.1f s", lm.version, time.perf_counter() - t0)
+        with self._lock:
+            previous = self._current
+            self._loaded[lm.version] = lm
+            self._loaded.move_to_end(lm.version)
+            self._current = lm  # the atomic switch
+            self._evict()
+            self.switches += 1
+        self.last_error = None
+        log.info("champion now version %s (was %s)", lm.version, previous.version if previous else None)
+        try:
+            from app import metrics
+
+            metrics.set_model_info(lm.version, self._approved_at(lm.version), model_name=lm.name)
+            metrics.configure_drift(getattr(lm.model, "reference", None), lm.version)
+        except Exception as exc:  # metrics never stop a switch
+            log.warning("metrics: model info / drift set-up failed (%s)", type(exc).__name__)
+        return True
+
+
+    def _evict(self) -> None:
+        while len(self._loaded) > self._keep:
+            oldest = next(iter(self._loaded))
+            if self._current is not None and oldest == self._current.version:
+                self._loaded.move_to_end(oldest)
+                continue
+            self._loaded.pop(oldest)
+
+    @staticmethod
+    def _approved_at(version: str):
+        """Approval time of ``version`` from its e-signature records (None when unknown)."""
+        try:
+            from compliance.approvals import signatures
+
+            times = [r.get("time_utc") for r in signatures(version) if r.get("action") in ("approve", "rollback")]
+            times = [t for t in times if t]
+            return max(times) if times else None
+        except Exception:
+            return None
+
+    def _warm_up(self, lm: LoadedModel) -> None:
+        import numpy as np
+
+        blank = np.full((1, self._image_size, self._image_size), 0.5, dtype=np.float32)
+        lm.predict([blank], [{}])

@@ -1,0 +1,184 @@
+"""Small MLflow-registry helpers for the governance layer (read versions, tags, evaluation, aliases).
+
+Uses ``MlflowClient`` directly against ``get_settings().tracking_uri`` so governance does not depend
+on the training code. The evaluation is read as the exact bytes of the run artefact
+``evaluation/evaluation.json``: its SHA-256 is what a signature binds to (§11.70).
+
+Alias moves go through ``move_alias`` so each one is an ``alias.changed`` audit event with from/to
+(open-source MLflow keeps no alias history — mlflow #2169).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from app.config import get_settings
+from compliance.audit import record_event
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+EVALUATION_ARTIFACT = "evaluation/evaluation.json"
+STATUSES = ("candidate", "approved", "rejected", "retired")
+
+
+class RegistryError(Exception):
+    """A version, alias or artefact could not be found or read."""
+
+
+def client():
+    from mlflow import MlflowClient
+
+    uri = get_settings().tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def model_name() -> str:
+    return get_settings().registered_model_name
+
+
+def resolve_version(version: str | int):
+    """A ``ModelVersion`` from ``3``, ``"3"``, ``"v3"`` or an alias such as ``"champion"``."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    text = str(version).strip()
+    if text.lower().startswith("v") and text[1:].isdigit():
+        text = text[1:]
+    try:
+        if text.isdigit():
+            return c.get_model_version(model_name(), text)
+        return c.get_model_version_by_alias(model_name(), text)
+    except MlflowException as exc:
+        raise RegistryError(f"model {model_name()!r} version/alias {version!r} not found") from exc
+
+
+def list_versions() -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name='{model_name()}'")
+    except MlflowException:
+        return []
+    return sorted(versions, key=lambda mv: int(mv.version))
+
+
+def aliases_of(name: str | None = None) -> dict[str, str]:
+    """alias → version for the registered model ({} when it does not exist yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client().get_registered_model(name or model_name())
+    except MlflowException:
+        return {}
+    return {k: str(v) for k, v in (rm.aliases or {}).items()}
+
+
+def current_alias(alias: str) -> str | None:
+    return aliases_of().get(alias)
+
+
+def evaluation_bytes(mv) -> bytes:
+    if not mv.run_id:
+        raise RegistryError(f"version {mv.version} has no training run: no evaluation to check")
+    with tempfile.TemporaryDirectory(prefix="cxr-eval-") as tmp:
+        try:
+            path = client().download_artifacts(mv.run_id, EVALUATION_ARTIFACT, dst_path=tmp)
+        except Exception as exc:  # MlflowException or OSError, depending on the store
+            raise RegistryError(f"version {mv.version}: run artefact {EVALUATION_ARTIFACT} not found") from exc
+        return Path(path).read_bytes()
+
+
+def load_evaluation(mv) -> tuple[dict[str, Any], str]:
+    """(evaluation dict, sha256 of the artefact's bytes)."""
+    raw = evaluation_bytes(mv)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise RegistryError(f"version {mv.version}: {EVALUATION_ARTIFACT} is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"version {mv.version}: {EVALUATION_ARTIFACT} is not a JSON object")
+    return data, hashlib.sha256(raw).hexdigest()
+
+
+EXTERNAL_DIR = "evaluation/external"
+
+
+def load_external_evaluations(mv) -> dict[str, tuple[dict[str, Any], str]]:
+    """External-validation evaluations logged on the version's run as ``evaluation/external/<dataset>.json``
+    → {dataset: (evaluation, sha256)}."""
+    if not mv.run_id:
+        return {}
+    c = client()
+    try:
+        infos = c.list_artifacts(mv.run_id, EXTERNAL_DIR)
+    except Exception:
+        return {}
+    out: dict[str, tuple[dict[str, Any], str]] = {}
+    with tempfile.TemporaryDirectory(prefix="cxr-ext-") as tmp:
+        for info in infos:
+            if info.is_dir or not info.path.endswith(".json"):
+                continue
+            try:
+                raw = Path(c.download_artifacts(mv.run_id, info.path, dst_path=tmp)).read_bytes()
+                data = json.loads(raw)
+            except Exception:
+                continue
+            if isinstance(data, dict):
+                out[Path(info.path).stem] = (data, hashlib.sha256(raw).hexdigest())
+    return out
+
+
+def evaluation_view(mv) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """(evaluation with ``external`` normalised to {dataset: evaluation}, sha256 of evaluation.json,
+    {dataset: sha256} of the separately logged external evaluations).
+
+    External results come from ``evaluation.json['external']`` when it is a mapping/list of
+    evaluations, and from the ``evaluation/external/*.json`` run artefacts (these win on a name clash).
+    """
+    from compliance.policy import external_datasets
+
+    evaluation, sha = load_evaluation(mv)
+    view = dict(evaluation)
+    external = external_datasets(evaluation)
+    ext_shas: dict[str, str] = {}
+    for name, (ev, ev_sha) in load_external_evaluations(mv).items():
+        external[name] = ev
+        ext_shas[name] = ev_sha
+    view["external"] = external
+    return view, sha, ext_shas
+
+
+def run_params(mv) -> dict[str, str]:
+    if not mv.run_id:
+        return {}
+    try:
+        return dict(client().get_run(mv.run_id).data.params)
+    except Exception:
+        return {}
+
+
+def set_tags(version: str, tags: dict[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(model_name(), str(version), key, "" if value is None else str(value))
+
+
+def move_alias(alias: str, to_version: str | None, *, actor: str, role: str, reason: str,
+               cause: str, signature_id: str | None = None) -> str | None:
+    """Point ``alias`` at ``to_version`` (None removes it); audit ``alias.changed``; return the old version."""
+    c = client()
+    previous = current_alias(alias)
+    if to_version is None:
+        if previous is not None:
+            c.delete_registered_model_alias(model_name(), alias)
+    else:
+        c.set_registered_model_alias(model_name(), alias, str(to_version))
+    record_event("alias.changed", actor=actor, role=role, subject=f"model/{model_name()}",
+                 details={"model": model_name(), "alias": alias, "from_version": previous,
+                          "to_version": None if to_version is None else str(to_version), "cause": cause,
+                          "reason": reason, "signature_id": signature_id})
+    return previous

@@ -1,0 +1,114 @@
+"""``cxr data import / versions / add-batch``: registered on the ``data`` group by pipelines.data_cli.
+
+Usage from the data group's module::
+
+    from pipelines.data_import_cli import register_data_commands
+    register_data_commands(data_app)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}")
+    raise typer.Exit(code)
+
+
+def register_data_commands(data_app: typer.Typer) -> None:
+    @data_app.command("import")
+    def import_cmd(
+        source: Path = typer.Argument(..., help="DICOM folder (+ vitals.csv) or the public collection (metadata.csv + images/)"),
+        name: str = typer.Option(..., "--name", help="dataset name: writes data/NAME/"),
+        seed: int = typer.Option(42, "--seed", help="seed of the patient-level split"),
+        as_user: str | None = typer.Option(None, "--as", help="acting user (else CXR_USER, else OS user)"),
+        tag: str | None = typer.Option(None, "--tag", help="variant tag stored on every row"),
+        force: bool = typer.Option(False, "--force", help="replace an existing dataset of that name"),
+        no_dvc: bool = typer.Option(False, "--no-dvc", help="do not dvc add/push (not recommended)"),
+        workers: int | None = typer.Option(None, "--workers", help="decode processes (default 2)"),
+        as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+    ) -> None:
+        """Validate, de-identify, dedupe, label and split SOURCE into data/NAME, then DVC-track it."""
+        from pipelines.dvc_store import DvcError
+        from pipelines.ingest import DatasetImportError, import_dataset, print_summary
+
+        try:
+            summary = import_dataset(source, name, seed=seed, actor=as_user, tag=tag, track=not no_dvc,
+                                     force=force, workers=workers, quiet=as_json)
+        except DatasetImportError as exc:
+            _fail(str(exc))
+        except DvcError as exc:
+            _fail(f"the dataset was written to data/{name} but DVC versioning failed: {exc}")
+        except ImportError as exc:
+            _fail(f"a required module is missing: {exc}")
+        except OSError as exc:
+            _fail(f"cannot read or write files: {exc}")
+        if as_json:
+            print(json.dumps(summary.counts(), sort_keys=True))
+        else:
+            print_summary(summary, console)
+
+    @data_app.command("add-batch")
+    def add_batch_cmd(
+        source: Path = typer.Argument(..., help="DICOM folder (+ vitals.csv) or public-collection layout"),
+        to: str = typer.Option(..., "--to", help="existing dataset to extend"),
+        tag: str = typer.Option(..., "--tag", help="variant tag of the new batch (e.g. a variant name)"),
+        seed: int = typer.Option(42, "--seed"),
+        as_user: str | None = typer.Option(None, "--as"),
+        no_dvc: bool = typer.Option(False, "--no-dvc"),
+        workers: int | None = typer.Option(None, "--workers"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Append a labelled batch: new patients are split by patient, existing rows keep their split."""
+        from pipelines.dvc_store import DvcError
+        from pipelines.ingest import DatasetImportError, add_batch, print_summary
+
+        try:
+            summary = add_batch(source, to, tag=tag, seed=seed, actor=as_user, track=not no_dvc,
+                                workers=workers, quiet=as_json)
+        except DatasetImportError as exc:
+            _fail(str(exc))
+        except DvcError as exc:
+            _fail(f"the batch was written to data/{to} but DVC versioning failed: {exc}")
+        except OSError as exc:
+            _fail(f"cannot read or write files: {exc}")
+        if as_json:
+            print(json.dumps(summary.counts(), sort_keys=True))
+        else:
+            print_summary(summary, console)
+
+    @data_app.command("versions")
+    def versions_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+        """Datasets under data/ with their DVC hash, rows and git commit."""
+        from rich.table import Table
+
+        from pipelines.datasets import list_datasets
+
+        try:
+            items = list_datasets()
+        except Exception as exc:  # unreadable manifest etc.: a message, not a traceback
+            _fail(f"cannot list datasets: {exc}")
+        if as_json:
+            print(json.dumps(items, sort_keys=True, default=str))
+            return
+        if not items:
+            console.print("no datasets under data/ (import one with `cxr data import SOURCE --name NAME`)")
+            return
+        table = Table(title="datasets")
+        for col in ("name", "DVC md5", "rows", "rejected", "train/val/test", "git commit", "present"):
+            table.add_column(col)
+        for it in items:
+            s = it.get("by_split") or {}
+            table.add_row(it["name"], it["dvc_md5"] or "untracked", str(it["rows"] if it["rows"] is not None else "-"),
+                          str(it["rejected"] if it["rejected"] is not None else "-"),
+                          "/".join(str(s.get(k, 0)) for k in ("train", "val", "test")),
+                          it["git_commit"][:12] + ("-dirty" if it["git_commit"].endswith("-dirty") else ""),
+                          "yes" if it["present"] else "no (dvc pull)")
+        console.print(table)

@@ -1,0 +1,141 @@
+"""DVC versioning of datasets under ``<project root>/data``.
+
+The project root is a git + DVC repository; every imported dataset ``data/<name>/`` is tracked by
+``data/<name>.dvc`` and pushed to a remote. The default remote is a local folder under CXR_HOME
+(``get_settings().dvc_remote_dir``), written to ``.dvc/config.local`` (machine-specific, never
+committed); a site points DVC at S3/MinIO with ``dvc remote add -d ...`` and that one is used.
+
+We drive the real ``dvc`` command line (the one in the running interpreter's venv) with telemetry
+off: ``core.analytics false`` / ``core.check_update false`` in ``.dvc/config`` plus
+``DVC_NO_ANALYTICS`` in the environment, and DVC's site cache under CXR_HOME instead of /var/tmp.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from app.config import get_settings
+
+LOCAL_REMOTE_NAME = "cxr-local"
+
+
+class DvcError(RuntimeError):
+    """A dvc command failed; the message holds the command and DVC's own words."""
+
+
+def dvc_executable() -> str:
+    candidate = Path(sys.executable).parent / "dvc"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("dvc")
+    if not found:
+        raise DvcError("the `dvc` command was not found next to the Python interpreter or on PATH")
+    return found
+
+
+def dvc_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["DVC_STUDIO_OFFLINE"] = "1"
+    env["DO_NOT_TRACK"] = "1"
+    env["DVC_IGNORE_ISATTY"] = "1"
+    env.setdefault("DVC_SITE_CACHE_DIR", str(get_settings().state_dir / "dvc-site-cache"))
+    return env
+
+
+def run_dvc(args: list[str], root: Path | None = None, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    root = Path(root or get_settings().project_root)
+    proc = subprocess.run([dvc_executable(), *args], cwd=root, env=dvc_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise DvcError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}): {detail}")
+    return proc
+
+
+def is_git_repo(root: Path) -> bool:
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    return proc.returncode == 0 and Path(proc.stdout.strip()).resolve() == Path(root).resolve()
+
+
+def ensure_dvc_repo(root: Path | None = None) -> Path:
+    """Make ``root`` a DVC repository (idempotent) with telemetry off and a default remote."""
+    root = Path(root or get_settings().project_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".dvc").is_dir():
+        args = ["init", "-q"] if is_git_repo(root) else ["init", "-q", "--no-scm"]
+        run_dvc(args, root)
+    config = _read_config(root / ".dvc" / "config")
+    core = config.get("core", {})
+    if str(core.get("analytics", "")).lower() != "false":
+        run_dvc(["config", "core.analytics", "false"], root)
+    if str(core.get("check_update", "")).lower() != "false":
+        run_dvc(["config", "core.check_update", "false"], root)
+    if not default_remote(root):
+        remote_dir = get_settings().dvc_remote_dir
+        remote_dir.mkdir(parents=True, exist_ok=True)
+        run_dvc(["remote", "add", "--local", "-f", "-d", LOCAL_REMOTE_NAME, str(remote_dir)], root)
+    return root
+
+
+def default_remote(root: Path) -> str | None:
+    proc = run_dvc(["remote", "default"], root, check=False)
+    name = proc.stdout.strip()
+    return name if proc.returncode == 0 and name and "No default remote" not in name else None
+
+
+def _read_config(path: Path) -> dict:
+    """Read DVC's INI config (sections like ``core`` or ``'remote "x"'``) into a dict of dicts."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    if path.exists():
+        parser.read(path)
+    return {section: dict(parser[section]) for section in parser.sections()}
+
+
+def dvc_file(name: str, root: Path | None = None) -> Path:
+    root = Path(root or get_settings().project_root)
+    return root / "data" / f"{name}.dvc"
+
+
+def track_dataset(name: str, root: Path | None = None, push: bool = True) -> str:
+    """``dvc add data/<name>`` (+ ``dvc push``); returns the dataset's DVC md5."""
+    root = ensure_dvc_repo(root)
+    target = root / "data" / name
+    if not target.is_dir():
+        raise DvcError(f"no dataset folder {target}")
+    run_dvc(["add", "-q", f"data/{name}"], root)
+    if push:
+        run_dvc(["push", "-q", f"data/{name}.dvc"], root)
+    return dataset_md5(name, root)
+
+
+def dataset_md5(name: str, root: Path | None = None) -> str | None:
+    """The md5 DVC recorded for ``data/<name>`` (e.g. ``3f2a….dir``), or None if untracked."""
+    path = dvc_file(name, root)
+    if not path.exists():
+        return None
+    doc = yaml.safe_load(path.read_text()) or {}
+    outs = doc.get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def pull_dataset(name: str, root: Path | None = None) -> None:
+    """Fetch ``data/<name>`` at the version its ``.dvc`` file names (from cache or the remote)."""
+    root = ensure_dvc_repo(root)
+    run_dvc(["pull", "-q", f"data/{name}.dvc"], root)
+
+
+def checkout_dataset(name: str, root: Path | None = None) -> None:
+    """Make ``data/<name>`` match its ``.dvc`` file (after ``git checkout`` of an older version)."""
+    root = ensure_dvc_repo(root)
+    proc = run_dvc(["checkout", "-q", "--force", f"data/{name}.dvc"], root, check=False)
+    if proc.returncode != 0:  # not in the local cache: fetch from the remote
+        run_dvc(["pull", "-q", "--force", f"data/{name}.dvc"], root)

@@ -1,0 +1,125 @@
+"""Hostile inputs: each gets a 4xx application/problem+json with a human message, never a 5xx."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from api_fixtures import api_env  # noqa: F401
+from dicom_factory import FAKE_PATIENT_NAME, make_dicom
+
+GOOD_VITALS = json.dumps({"temperature_c": 37.1, "age_years": 44})
+
+
+def _cases() -> dict[str, dict]:
+    good = make_dicom(rows=96, cols=96)
+    return {
+        "truncated-dicom": {"image": good[: len(good) // 2]},
+        "truncated-header": {"image": good[:200]},
+        "garbage-bytes": {"image": np.random.default_rng(1).bytes(5000)},
+        "empty-file": {"image": b""},
+        "ct": {"image": make_dicom(modality="CT")},
+        "mr": {"image": make_dicom(modality="MR")},
+        "us": {"image": make_dicom(modality="US")},
+        "ot": {"image": make_dicom(modality="OT")},
+        "rgb": {"image": make_dicom(photometric="RGB", bits=8)},
+        "multi-frame": {"image": make_dicom(frames=3)},
+        "lateral": {"image": make_dicom(view="LL")},
+        "not-chest": {"image": make_dicom(body_part="KNEE")},
+        "no-pixel-data": {"image": make_dicom(pixel_data=False)},
+        "bomb-30000x30000": {"image": make_dicom(rows=30000, cols=30000, fake_pixel_bytes=b"\0" * 4096)},
+        "png-not-dicom": {"image": b"\x89PNG\r\n\x1a\n" + b"\0" * 100},
+        "vitals-out-of-range": {"vitals": json.dumps({"temperature_c": 51})},
+        "vitals-spo2-range": {"vitals": json.dumps({"spo2_percent": 130})},
+        "vitals-not-number": {"vitals": json.dumps({"heart_rate_bpm": "fast"})},
+        "vitals-unknown-field": {"vitals": json.dumps({"blood_type": "A"})},
+        "vitals-bad-json": {"vitals": "{temperature_c: 37"},
+        "vitals-json-array": {"vitals": "[1, 2]"},
+        "vitals-deep-json": {"vitals": "[" * 5000 + "]" * 5000},
+        "vitals-nan": {"vitals": '{"temperature_c": NaN}'},
+        "bad-site": {"site": "../../etc/passwd"},
+        "missing-image": {"image": None},
+    }
+
+
+@pytest.fixture(scope="module")
+def client(api_env):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.main import create_app
+
+    app = create_app(Settings(max_upload_bytes=300_000))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert app.state.model_service.wait_ready(120)
+        yield c
+
+
+def _assert_problem(r, label: str, expect: int | None = None) -> dict:
+    assert 400 <= r.status_code < 500, f"{label}: {r.status_code} {r.text[:300]}"
+    if expect:
+        assert r.status_code == expect, f"{label}: {r.status_code} {r.text[:300]}"
+    assert r.headers["content-type"] == "application/problem+json", label
+    body = r.json()
+    assert body["status"] == r.status_code and body["title"] and body["detail"] and body["type"], label
+    return body
+
+
+@pytest.mark.parametrize("label", sorted(_cases()))
+def test_hostile_prediction_input(client, api_env, label):  # noqa: F811
+    case = _cases()[label]
+    image = case.get("image", make_dicom(rows=96, cols=96))
+    files = {"image": ("x.dcm", image, "application/dicom")} if image is not None else None
+    data = {"vitals": case.get("vitals", GOOD_VITALS)}
+    if "site" in case:
+        data["site"] = case["site"]
+    if files is None:
+        data["dummy"] = "x"
+    r = client.post("/v1/predictions", headers=api_env.headers("clinician"), files=files, data=data)
+    body = _assert_problem(r, label, 422)
+    if label.startswith("vitals-") and label not in ("vitals-bad-json", "vitals-json-array", "vitals-deep-json"):
+        if label != "vitals-nan":
+            assert body.get("field"), body
+        if label in ("vitals-out-of-range", "vitals-spo2-range"):
+            assert body["valid_range"], body
+    if label in ("ct", "mr", "us", "ot", "rgb", "multi-frame", "lateral", "not-chest", "bomb-30000x30000"):
+        assert body["code"].startswith("image-refused/"), body
+    assert FAKE_PATIENT_NAME not in r.text
+
+
+def test_oversized_upload(client, api_env):  # noqa: F811
+    big = make_dicom(rows=512, cols=512, bits=16)  # ~512 KiB > the 300 kB limit of this app
+    r = client.post("/v1/predictions", headers=api_env.headers("clinician"),
+                    files={"image": ("big.dcm", big, "application/dicom")}, data={"vitals": GOOD_VITALS})
+    assert _assert_problem(r, "oversized", 413)["code"] == "upload-too-large"
+
+    def chunks():  # no Content-Length: the limit applies while streaming
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    r = client.post("/v1/predictions", headers=api_env.headers("clinician", **{
+        "Content-Type": "multipart/form-data; boundary=abc"}), content=chunks())
+    _assert_problem(r, "oversized-chunked", 413)
+
+
+def test_other_bad_requests(client, api_env):  # noqa: F811
+    h = api_env.headers("clinician")
+    _assert_problem(client.post("/v1/predictions", headers=h, json={"image": "x"}), "json-instead-of-multipart")
+    _assert_problem(client.post("/v1/predictions", headers={**h, "Content-Type": "multipart/form-data"},
+                                content=b"--zz\r\nbroken"), "broken-multipart")
+    pid = "00000000-0000-4000-8000-000000000000"
+    _assert_problem(client.post(f"/v1/predictions/{pid}/outcome", headers={**h, "Content-Type": "application/json"},
+                                content=b'{"rtpcr_result": '), "bad-json-outcome", 422)
+    _assert_problem(client.post(f"/v1/predictions/{pid}/outcome", headers=h, json={"rtpcr_result": "maybe"}),
+                    "bad-outcome-value", 422)
+    _assert_problem(client.post(f"/v1/predictions/{pid}/outcome", headers=h, json={}), "empty-outcome", 422)
+    _assert_problem(client.post(f"/v1/predictions/{pid}/outcome", headers=h, json={"rtpcr_result": "positive"}),
+                    "outcome-unknown-prediction", 404)
+    _assert_problem(client.get("/v1/predictions/not-a-uuid", headers=h), "bad-id", 422)
+    _assert_problem(client.get("/v1/nowhere", headers=h), "unknown-route", 404)
+    _assert_problem(client.put("/v1/model", headers=h), "wrong-method", 405)
+    co = api_env.headers("compliance_officer")
+    _assert_problem(client.get("/v1/audit/report", params={"from": "yesterday", "to": "2100-01-01"}, headers=co),
+                    "bad-date", 422)
+    _assert_problem(client.get("/v1/audit/report", params={"from": "2020-01-01", "to": "2100-01-01",
+                                                           "format": "docx"}, headers=co), "bad-format", 422)

@@ -1,0 +1,91 @@
+"""Every role x every route: 2xx for the roles that hold the permission, 403 for the others, 401 without
+or with an invalid token; denials are audited (``auth.permission_denied`` / ``auth.login_failed``)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from api_fixtures import ROLES, api_env  # noqa: F401
+from dicom_factory import make_dicom
+
+ALLOWED = {
+    "predict": {"clinician", "admin"},
+    "get_prediction": {"clinician", "admin"},
+    "heatmap": {"clinician", "admin"},
+    "outcome": {"clinician", "admin"},
+    "model": {"clinician", "researcher", "admin"},
+    "audit_verify": {"compliance_officer", "admin"},
+    "audit_report": {"compliance_officer", "admin"},
+}
+OPEN = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
+
+
+@pytest.fixture(scope="module")
+def ctx(api_env):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    app = create_app()
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert app.state.model_service.wait_ready(120)
+        r = c.post("/v1/predictions", headers=api_env.headers("clinician"),
+                   files={"image": ("a.dcm", make_dicom(), "application/dicom")}, data={"vitals": "{}"})
+        assert r.status_code == 200, r.text
+        yield c, r.json()["id"]
+
+
+def _call(c, route: str, pid: str, headers: dict):
+    if route == "predict":
+        return c.post("/v1/predictions", headers=headers, files={"image": ("a.dcm", make_dicom(), "application/dicom")},
+                      data={"vitals": json.dumps({"age_years": 40})})
+    if route == "get_prediction":
+        return c.get(f"/v1/predictions/{pid}", headers=headers)
+    if route == "heatmap":
+        return c.get(f"/v1/predictions/{pid}/heatmap", headers=headers)
+    if route == "outcome":
+        return c.post(f"/v1/predictions/{pid}/outcome", headers=headers, json={"rtpcr_result": "positive"})
+    if route == "model":
+        return c.get("/v1/model", headers=headers)
+    if route == "audit_verify":
+        return c.get("/v1/audit/verify", headers=headers)
+    if route == "audit_report":
+        return c.get("/v1/audit/report", params={"from": "2020-01-01", "to": "2100-01-01", "format": "csv"},
+                     headers=headers)
+    raise AssertionError(route)
+
+
+@pytest.mark.parametrize("route", sorted(ALLOWED))
+def test_role_matrix(ctx, api_env, route):  # noqa: F811
+    c, pid = ctx
+    for role in ROLES:
+        r = _call(c, route, pid, api_env.headers(role))
+        if role in ALLOWED[route]:
+            assert 200 <= r.status_code < 300, f"{role} {route}: {r.status_code} {r.text[:300]}"
+        else:
+            assert r.status_code == 403, f"{role} {route}: {r.status_code} {r.text[:300]}"
+            assert r.headers["content-type"] == "application/problem+json"
+    none = _call(c, route, pid, {})
+    assert none.status_code == 401 and none.headers["content-type"] == "application/problem+json"
+    assert none.headers.get("www-authenticate", "").startswith("Bearer")
+    bogus = _call(c, route, pid, {"Authorization": "Bearer cxr_not-a-real-token"})
+    assert bogus.status_code == 401
+
+
+def test_open_routes_and_denials_audited(ctx, api_env):  # noqa: F811
+    from compliance.audit import list_events, verify_chain
+
+    c, _ = ctx
+    for path in OPEN:
+        assert c.get(path, follow_redirects=False).status_code == 200, path
+    c.get("/v1/audit/verify", headers=api_env.headers("researcher"))
+    c.get("/v1/model", headers={"Authorization": "Bearer cxr_forged"})
+    denied = list_events(action="auth.permission_denied")
+    assert any(e["actor"] == api_env.users["researcher"] and e["details"].get("route") == "/v1/audit/verify"
+               for e in denied)
+    assert any(e["details"].get("reason") == "invalid-token" for e in list_events(action="auth.login_failed"))
+    requests = list_events(action="api.request")
+    assert any(e["details"]["status"] == 403 and e["details"]["result"] == "denied" for e in requests)
+    assert any(e["actor"] == "anonymous" and e["details"]["status"] == 401 for e in requests)
+    assert "cxr_forged" not in json.dumps(list_events())
+    assert verify_chain().ok

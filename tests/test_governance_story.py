@@ -1,0 +1,206 @@
+"""Issue 4 "Must show": the whole governance story on a real MLflow registry and a real audit trail.
+
+researcher's version → candidate; same person tries to approve → refused; an approver who trained
+a version may not approve it (separation of duties); policy-failing version → refused; override
+needs a reason and is recorded; passing version → champion alias in MLflow; roll-back; every step
+in the audit trail; ``cxr audit verify`` OK via the CLI; tampering in SQLite → verify names the entry.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from _governance_fixtures import GOOD_EVALUATION, failing_evaluation, make_version, mlflow_client
+
+PW = {"root": "root-password-1", "rita": "rita-password-1", "alice": "alice-password-1",
+      "carol": "carol-password-1"}
+
+
+def _cli() -> typer.Typer:
+    from compliance.cli import register
+
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def run(args, *, user=None, password=None, input_text=None):
+    env = {"CXR_USER": user} if user else {}
+    stdin = input_text if input_text is not None else (f"{password}\n" if password is not None else None)
+    return CliRunner().invoke(_cli(), args, input=stdin, env=env)
+
+
+def champion(client) -> str:
+    return str(client.get_model_version_by_alias("covid-cxr", "champion").version)
+
+
+def _actions():
+    from compliance.audit import list_events
+
+    return [(e["action"], e["actor"], e["details"]) for e in list_events()]
+
+
+def test_governance_story(cxr_env):
+    from compliance.approvals import signatures, verify_signature
+
+    # --- users (bootstrap rule: first user must be admin; afterwards only admins add users) ----------
+    r = run(["users", "add", "rita", "--role", "researcher", "--password-stdin"], user="root", password=PW["rita"])
+    assert r.exit_code != 0 and "first user must have role admin" in r.output
+    assert run(["users", "add", "root", "--role", "admin", "--password-stdin"], user="root",
+               password=PW["root"]).exit_code == 0
+    r = run(["users", "add", "eve", "--role", "admin", "--password-stdin"], user="nobody", password="whatever-pw")
+    assert r.exit_code != 0 and "permission denied" in r.output
+    for name, role, full in [("rita", "researcher", "Rita Researcher"), ("alice", "approver", "Alice Approver"),
+                             ("carol", "compliance_officer", "Carol Compliance")]:
+        r = run(["users", "add", name, "--role", role, "--full-name", full, "--password-stdin"], user="root",
+                password=PW[name])
+        assert r.exit_code == 0, r.output
+
+    # --- researcher's versions are candidates ------------------------------------------------------------
+    v_good = make_version(GOOD_EVALUATION, trained_by="rita")
+    v_fail = make_version(failing_evaluation(), trained_by="rita")
+    v_good2 = make_version(GOOD_EVALUATION, trained_by="rita", git_commit="89abcdef")
+    v_alice = make_version(GOOD_EVALUATION, trained_by="alice", registered_by="rita")
+    client = mlflow_client()
+    assert client.get_model_version("covid-cxr", v_good).tags["status"] == "candidate"
+
+    # policy check prints each criterion with measured value and pass/fail; exit code = verdict
+    r = run(["model", "check", v_good], user="rita")
+    assert r.exit_code == 0, r.output
+    assert "covid19-sensitivity-lower-bound" in r.output and "PASS" in r.output
+    r = run(["model", "check", v_fail], user="rita")
+    assert r.exit_code == 1
+    assert "FAIL" in r.output and "external-validation" in r.output
+
+    # --- same person (the researcher who trained it) tries to approve → refused --------------------------
+    r = run(["model", "approve", v_good, "--reason", "looks fine to me", "--as", "rita", "--password-stdin"],
+            password=PW["rita"])
+    assert r.exit_code != 0 and "permission denied" in r.output and "Traceback" not in r.output
+    # an approver who trained a version may not approve it (separation of duties)
+    r = run(["model", "approve", v_alice, "--reason", "my own model", "--as", "alice", "--password-stdin"],
+            password=PW["alice"])
+    assert r.exit_code != 0 and "separation of duties" in r.output
+    # wrong password at signing → refused and audited
+    r = run(["model", "approve", v_good, "--reason", "meets policy", "--as", "alice", "--password-stdin"],
+            password="not-her-password")
+    assert r.exit_code != 0 and "authentication failed" in r.output
+
+    # --- approver approves a policy-failing version → refused -----------------------------------------
+    r = run(["model", "approve", v_fail, "--reason", "urgent need", "--as", "alice", "--password-stdin"],
+            password=PW["alice"])
+    assert r.exit_code != 0 and "fails release policy" in r.output
+    assert client.get_model_version("covid-cxr", v_fail).tags["status"] == "candidate"
+    assert "champion" not in client.get_registered_model("covid-cxr").aliases
+
+    # --- approver approves a passing version → champion ------------------------------------------------
+    r = run(["model", "approve", v_good, "--reason", "meets release policy 1.0.0", "--as", "alice",
+             "--password-stdin"], password=PW["alice"])
+    assert r.exit_code == 0, r.output
+    assert champion(client) == v_good
+    tags = client.get_model_version("covid-cxr", v_good).tags
+    assert tags["status"] == "approved" and tags["approved_by"] == "alice"
+    assert tags["approved_by_name"] == "Alice Approver" and tags["approval_meaning"] == "approved for clinical use"
+    assert tags["policy_override"] == "false" and len(tags["approval_evaluation_sha256"]) == 64
+
+    # --- override: needs a reason, and is recorded as an override ----------------------------------------
+    r = run(["model", "approve", v_fail, "--reason", "pandemic surge", "--as", "alice", "--password-stdin",
+             "--override-policy", "  "], password=PW["alice"])
+    assert r.exit_code != 0 and "policy-override reason is required" in r.output
+    r = run(["model", "approve", v_fail, "--reason", "pandemic surge", "--as", "alice", "--password-stdin",
+             "--override-policy", "external site data pending; emergency use board decision 12"], password=PW["alice"])
+    assert r.exit_code == 0, r.output
+    assert "POLICY OVERRIDE" in r.output
+    assert champion(client) == v_fail
+    assert client.get_model_version("covid-cxr", v_fail).tags["policy_override"] == "true"
+
+    # --- rollback: champion back to the previous approved version, signed -------------------------------
+    r = run(["model", "rollback", "--reason", "override withdrawn after review", "--as", "alice", "--password-stdin"],
+            password=PW["alice"])
+    assert r.exit_code == 0, r.output
+    assert champion(client) == v_good
+    assert client.get_model_version("covid-cxr", v_fail).tags["status"] == "retired"
+    # a newer passing version, then a second roll-back skips the retired one
+    assert run(["model", "approve", v_good2, "--reason", "meets release policy 1.0.0", "--as", "alice",
+                "--password-stdin"], password=PW["alice"]).exit_code == 0
+    assert run(["model", "rollback", "--reason", "regression at site A", "--as", "alice", "--password-stdin"],
+               password=PW["alice"]).exit_code == 0
+    assert champion(client) == v_good
+    # the champion cannot be retired; the SoD-barred version can be rejected
+    r = run(["model", "retire", v_good, "--reason", "old model", "--as", "alice", "--password-stdin"],
+            password=PW["alice"])
+    assert r.exit_code != 0 and "is the champion" in r.output
+    assert run(["model", "reject", v_alice, "--reason", "superseded by version 1", "--as", "alice",
+                "--password-stdin"], password=PW["alice"]).exit_code == 0
+
+    # --- e-signatures: printed name, UTC time, meaning, reason, policy version, evaluation hash ------------
+    sigs = signatures(v_good)
+    assert sigs[0]["signer_full_name"] == "Alice Approver" and sigs[0]["meaning"] == "approved for clinical use"
+    assert sigs[0]["time_utc"].endswith("Z") and sigs[0]["policy_version"] == "1.0.0"
+    assert sigs[0]["evaluation_sha256"] == tags["approval_evaluation_sha256"]
+    override_sig = [s for s in signatures(v_fail) if s["action"] == "approve"][0]
+    assert override_sig["policy_passed"] is False and "emergency use" in override_sig["policy_override_reason"]
+    assert all(verify_signature(s) for s in signatures())
+
+    # --- every step in the audit trail ------------------------------------------------------------------
+    acts = _actions()
+    names = [a for a, _, _ in acts]
+    for needed in ("user.created", "policy.checked", "auth.permission_denied", "auth.login_failed",
+                   "model.decision_refused", "model.approved", "alias.changed", "model.rolled_back",
+                   "model.rejected"):
+        assert needed in names, needed
+    denied = [d for a, actor, d in acts if a == "auth.permission_denied"]
+    assert any(d.get("reason") == "separation-of-duties" for d in denied)
+    assert any(d.get("action") == "model.approve" and "researcher" in d.get("reason", "") for d in denied)
+    refused = [d for a, _, d in acts if a == "model.decision_refused"]
+    assert any(d["code"] == "policy-failed" and d["version"] == v_fail for d in refused)
+    approved = [d for a, _, d in acts if a == "model.approved"]
+    assert [d["version"] for d in approved] == [v_good, v_fail, v_good2]
+    assert approved[1]["policy_override"] is True
+    assert approved[1]["e_signature"]["policy_override_reason"].startswith("external site data pending")
+    moves = [(d["from_version"], d["to_version"]) for a, _, d in acts if a == "alias.changed"]
+    assert moves == [(None, v_good), (v_good, v_fail), (v_fail, v_good), (v_good, v_good2), (v_good2, v_good)]
+    assert not any("password" in str(d).lower() and PW["alice"] in str(d) for _, _, d in acts)
+
+    # --- cxr audit verify OK (in-process CLI and the real console entry point) ---------------------------
+    r = run(["audit", "verify"])
+    assert r.exit_code == 0 and "audit chain intact" in r.output
+    env = {**os.environ, "CXR_HOME": str(cxr_env / "home"), "CXR_PROJECT_ROOT": str(cxr_env / "project")}
+    proc = subprocess.run([sys.executable, "-c", "from app.cli import main; main()", "audit", "verify"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "audit chain intact" in proc.stdout
+
+    # --- tamper directly in SQLite: verify fails and names the entry ------------------------------------
+    seq = [e for e in __import__("compliance.audit", fromlist=["list_events"]).list_events(action="model.approved")][0]["seq"]
+    con = sqlite3.connect(cxr_env / "home" / "cxr.db")
+    con.execute("UPDATE audit_trail SET details=replace(details, 'meets release policy', 'rubber stamp') WHERE seq=?",
+                (seq,))
+    con.execute("UPDATE e_signatures SET reason='rubber stamp' WHERE version=? AND action='approve'", (v_good,))
+    con.commit()
+    con.close()
+    r = run(["audit", "verify"])
+    assert r.exit_code == 1
+    assert f"entry {seq}" in r.output and "Traceback" not in r.output
+    assert not verify_signature(signatures(v_good)[0])
+
+
+def test_unknown_version_and_bad_input_fail_cleanly(cxr_env):
+    assert run(["users", "add", "root", "--role", "admin", "--password-stdin"], user="root",
+               password=PW["root"]).exit_code == 0
+    r = run(["model", "check", "42"], user="root")
+    assert r.exit_code == 1 and "not found" in r.output and "Traceback" not in r.output
+    r = run(["model", "approve", "champion", "--reason", "x" * 10, "--as", "root", "--password-stdin"], password="pw")
+    assert r.exit_code == 1 and "not found" in r.output
+    r = run(["users", "add", "bad name!", "--role", "admin", "--password-stdin"], user="root", password="long-enough-1")
+    assert r.exit_code == 1 and "invalid user name" in r.output
+    r = run(["users", "add", "x1", "--role", "wizard", "--password-stdin"], user="root", password="long-enough-1")
+    assert r.exit_code == 1 and "unknown role" in r.output
+    r = run(["audit", "export", "--from", "2026-13-01", "--to", "2026-12-01", "--format", "json", "--out", "r.json"],
+            user="root")
+    assert r.exit_code == 1 and "invalid date" in r.output

@@ -1,0 +1,100 @@
+"""`cxr pipeline run --local`: the real kfp local runner (SubprocessRunner(use_venv=False)), offline, on CPU.
+
+A 30-patient synthetic cohort at 64 px, small encoder, 2 epochs. The run must leave in MLflow a
+registered candidate with alias `challenger`, its evaluation, the champion comparison and the
+lineage (DVC dataset version, git commit, parameters, seed, package versions), plus a `pipeline.run`
+audit event; it must never approve. Then `cxr reproduce` re-trains from that lineage.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests._pipeline_fixtures import TINY, TINY_VALIDATION, import_cohort
+
+
+def _artifact(client, run_id: str, path: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, path, tmp))
+        return json.loads(local.read_text()) if local.suffix == ".json" else local.read_text()
+
+
+def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage(cxr_env: Path) -> None:
+    from app.cli import root
+    from app.config import get_settings
+    from compliance.audit import list_events, verify_chain
+    from models.registry import client as mlflow_client
+    from pipelines.kfp_pipeline import ENV_PACKAGES, run_local
+
+    version = import_cohort(cxr_env, "cohort", patients=30, seed=3)
+    state = run_local(dataset_name="cohort", actor="rita", n_bootstrap=200, **TINY, **TINY_VALIDATION)
+
+    client = mlflow_client()
+    name = get_settings().registered_model_name
+    v = state["model_version"]
+    mv = client.get_model_version(name, v)
+    assert mv.tags["status"] == "candidate"
+    assert client.get_model_version_by_alias(name, "challenger").version == v
+    with pytest.raises(Exception):  # the pipeline never makes a champion
+        client.get_model_version_by_alias(name, "champion")
+    assert mv.tags["dataset_version"] == version["dataset_version"]
+
+    # the pipeline's own MLflow run: finished, with every artefact
+    prun = client.get_run(state["pipeline_run_id"])
+    assert prun.info.status == "FINISHED"
+    assert prun.data.tags["dataset_version"] == version["dataset_version"]
+    assert prun.data.params["seed"] == str(TINY["seed"]) and prun.data.params["epochs"] == str(TINY["epochs"])
+    validation = _artifact(client, prun.info.run_id, "validation/validation.json")
+    assert validation["ok"] is True
+    evaluation = _artifact(client, prun.info.run_id, "evaluation/cohort__test.json")
+    sens = evaluation["covid19_vs_rest"]["sensitivity"]
+    assert set(sens) >= {"value", "ci_low", "ci_high"}
+    comparison = _artifact(client, prun.info.run_id, "comparison/comparison.json")
+    assert comparison["challenger_version"] == v and comparison["champion_version"] is None
+    assert "cohort:test" in comparison["test_sets"]
+    assert "all" in comparison["test_sets"]["cohort:test"]["groups"]
+    assert "# Champion vs challenger" in _artifact(client, prun.info.run_id, "comparison/comparison.md")
+    policy = _artifact(client, prun.info.run_id, "policy/policy.json")
+    assert "passed" in policy and "criteria" in policy  # tiny data: it may well fail; nobody approves
+
+    # lineage on the training run
+    trun = client.get_run(state["training_run_id"])
+    tags = trun.data.tags
+    assert tags["lineage.dataset_version"] == version["dataset_version"]
+    assert tags["lineage.seed"] == str(TINY["seed"])
+    assert tags["lineage.git_commit"]
+    for pkg in ["torch", "monai", "mlflow", "dvc", "kfp", "numpy", "python"]:
+        assert tags.get(f"env.{pkg}"), pkg
+    lineage = _artifact(client, trun.info.run_id, "lineage/lineage.json")
+    assert lineage["parameters"]["encoder"] == "small" and lineage["dvc_md5"] == version["dvc_md5"]
+    assert set(ENV_PACKAGES) - {"covid-cxr", "pydicom", "pandas", "scikit-learn"} <= set(lineage["environment"])
+    assert _artifact(client, trun.info.run_id, "comparison/comparison.json")["challenger_version"] == v
+
+    # audit: one finished pipeline.run naming the version, dataset version and commit; chain intact
+    events = [e for e in list_events(action="pipeline.run")]
+    assert len(events) == 1
+    d = events[0]["details"] if isinstance(events[0], dict) else json.loads(events[0].details)
+    assert d["status"] == "finished" and d["model_version"] == v
+    assert d["dataset_version"] == version["dataset_version"]
+    assert verify_chain().ok
+
+    # reproduce from the recorded lineage (same data version, parameters, seed) within tolerance
+    res = CliRunner().invoke(root, ["reproduce", state["training_run_id"], "--tolerance", "0.02", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert out["within_tolerance"] and out["dataset_version"] == version["dataset_version"]
+    assert {r["metric"] for r in out["metrics"]} == {"auroc", "sensitivity", "specificity"}
+
+
+def test_run_without_local_or_with_a_missing_dataset_fails_clearly(cxr_env: Path) -> None:
+    from app.cli import root
+
+    res = CliRunner().invoke(root, ["pipeline", "run"])
+    assert res.exit_code == 2 and "submit --host" in res.output
+    res = CliRunner().invoke(root, ["pipeline", "run", "--local", "--dataset", "nope"])
+    assert res.exit_code == 1 and "pipeline run failed" in res.output
+    assert "Traceback" not in res.output.split("pipeline run failed")[-1]
