@@ -330,6 +330,35 @@ def verify_signature(record: dict[str, Any]) -> bool:
     return signed.get("signature_sha256") == record.get("signature_sha256")
 
 
+SIGNING_ACTIONS = ("model.approved", "model.rejected", "model.rolled_back", "model.retired")
+
+
+def verify_signatures() -> list[dict[str, Any]]:
+    """Cross-check the e-signature table against the audit trail: every row's hash recomputes and
+    matches its audit entry, and every signing audit entry still has its row. Returns the problems
+    (empty when all signatures verify), each {signature_id, audit_seq, problem}."""
+    problems: list[dict[str, Any]] = []
+    rows = signatures()
+    events = {e["seq"]: e for e in list_events() if e["action"] in SIGNING_ACTIONS}
+    by_id = {r["id"]: r for r in rows}
+    for r in rows:
+        if signature_hash(r) != r["signature_sha256"]:
+            problems.append({"signature_id": r["id"], "audit_seq": r["audit_seq"],
+                             "problem": "e-signature record was altered (its hash does not recompute)"})
+            continue
+        e = events.get(r["audit_seq"])
+        if e is None or e["entry_hash"] != r["audit_entry_hash"] or \
+                (e["details"].get("e_signature") or {}).get("signature_sha256") != r["signature_sha256"]:
+            problems.append({"signature_id": r["id"], "audit_seq": r["audit_seq"],
+                             "problem": "e-signature does not match its audit entry"})
+    for seq, e in events.items():
+        sig = e["details"].get("e_signature") or {}
+        if sig.get("id") and sig["id"] not in by_id:
+            problems.append({"signature_id": sig["id"], "audit_seq": seq,
+                             "problem": "e-signature row missing (deleted) for this audit entry"})
+    return problems
+
+
 def alias_history(alias: str | None = CHAMPION, start: str | None = None, end: str | None = None) -> list[dict[str, Any]]:
     out = []
     for e in list_events(start, end, action="alias.changed"):
@@ -379,3 +408,32 @@ def show_model_version(version: str | int) -> dict[str, Any]:
     info["alias_history"] = [h for h in alias_history(None)
                              if info["version"] in (h["from_version"], h["to_version"])]
     return info
+
+
+def governance_inconsistencies() -> list[dict[str, Any]]:
+    """Registry state that did not come through this module (MLflow has no access control, so an
+    alias or tag can be changed behind governance's back): each finding is {version, problem}.
+
+    * the ``champion`` alias differs from the last ``alias.changed`` in the audit trail;
+    * the champion has no valid approve/rollback signature;
+    * a version tagged ``approved`` has no approve signature.
+    """
+    findings: list[dict[str, Any]] = []
+    champion = current_alias(CHAMPION)
+    history = alias_history(CHAMPION)
+    recorded = history[-1]["to_version"] if history else None
+    if champion != recorded:
+        findings.append({"version": champion, "problem": f"alias champion is {champion!r} in MLflow but the audit "
+                                                         f"trail last moved it to {recorded!r} (moved outside governance)"})
+    sigs = signatures()
+    if champion is not None:
+        ok = [s for s in sigs if s["version"] == champion and s["action"] in ("approve", "rollback")]
+        if not ok:
+            findings.append({"version": champion, "problem": "champion has no approval signature"})
+        elif not any(verify_signature(s) for s in ok):
+            findings.append({"version": champion, "problem": "champion's approval signature does not verify"})
+    approved_signed = {s["version"] for s in sigs if s["action"] == "approve"}
+    for mv in list_versions():
+        if _status(mv) == "approved" and str(mv.version) not in approved_signed:
+            findings.append({"version": str(mv.version), "problem": "status tag 'approved' without an approval signature"})
+    return findings

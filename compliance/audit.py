@@ -8,6 +8,26 @@ HMAC-SHA-256, so an attacker who can write the database alone cannot rewrite the
 consistently.
 
 ``details`` must never hold PHI: callers pass pseudonymous ids, counts, versions and hashes only.
+
+Threats each mode covers
+------------------------
+=============================================  ==========================  ===========================
+attacker / event                               plain SHA-256 chain         keyed (HMAC) chain
+=============================================  ==========================  ===========================
+accidental edit, bad migration, bit rot        detected                    detected
+one row edited, deleted, inserted, reordered   detected (names the entry)  detected (names the entry)
+  by hand in SQL without recomputing hashes
+database-only attacker who recomputes every    NOT detected (hashes are    detected: the key is not in
+  later hash after an edit                       public functions)           the database
+attacker holding the HMAC key as well          not detected                not detected
+truncation of the newest entries (tail)        not detected by verify      not detected by verify
+=============================================  ==========================  ===========================
+
+Tail truncation and whole-chain rewrites are caught by comparing with a head hash kept elsewhere:
+every compliance report states the head hash and is itself recorded (``report.exported``), so an
+exported report (kept outside the system) pins the trail up to that point. Keep the HMAC key
+(``CXR_AUDIT_HMAC_KEY``) outside the database host's reach (secret store, environment of the API
+process only); losing it makes the keyed chain unverifiable, so escrow it.
 """
 from __future__ import annotations
 

@@ -359,17 +359,26 @@ def model_card(version: str, out_path: Annotated[Path, typer.Option("--out", hel
 @audit_app.command("verify")
 @guarded
 def audit_verify(json_out: JsonOut = False) -> None:
-    """Recompute the hash chain; exit 0 when intact, else 1 naming the first bad entry."""
+    """Recompute the hash chain and cross-check e-signatures; exit 0 when intact, else 1 naming the
+    first bad entry (or the altered/missing signature)."""
+    from compliance.approvals import verify_signatures
     from compliance.audit import verify_chain
 
     v = verify_chain()
+    sig_problems = verify_signatures()
     if json_out:
-        _print_json(v.as_dict())
-    elif v.ok:
-        out.print(f"audit chain intact: {v.n_entries} entries, head {v.head_hash}", highlight=False)
+        _print_json({**v.as_dict(), "signature_problems": sig_problems})
     else:
-        err.print(f"[bold red]AUDIT CHAIN BROKEN[/] at entry {v.first_bad_seq}: {v.message}", highlight=False)
-    if not v.ok:
+        if v.ok:
+            out.print(f"audit chain intact: {v.n_entries} entries, head {v.head_hash}", highlight=False)
+        else:
+            err.print(f"[bold red]AUDIT CHAIN BROKEN[/] at entry {v.first_bad_seq}: {v.message}", highlight=False)
+        for p in sig_problems:
+            err.print(f"[bold red]E-SIGNATURE INVALID[/] {p['signature_id']} (audit entry {p['audit_seq']}): "
+                      f"{p['problem']}", highlight=False)
+        if v.ok and not sig_problems:
+            out.print("e-signatures: all verify against the audit trail", highlight=False)
+    if not v.ok or sig_problems:
         raise typer.Exit(1)
 
 

@@ -117,18 +117,28 @@ def load_external_evaluations(mv) -> dict[str, tuple[dict[str, Any], str]]:
         infos = c.list_artifacts(mv.run_id, EXTERNAL_DIR)
     except Exception:
         return {}
+    # evaluation/external/<dataset>.json, or evaluation/external/<dataset>/evaluation.json
+    candidates: list[tuple[str, str]] = []
+    for info in infos:
+        if info.is_dir:
+            try:
+                inner = c.list_artifacts(mv.run_id, info.path)
+            except Exception:
+                continue
+            candidates += [(Path(info.path).name, i.path) for i in inner
+                           if not i.is_dir and Path(i.path).name == "evaluation.json"]
+        elif info.path.endswith(".json"):
+            candidates.append((Path(info.path).stem, info.path))
     out: dict[str, tuple[dict[str, Any], str]] = {}
     with tempfile.TemporaryDirectory(prefix="cxr-ext-") as tmp:
-        for info in infos:
-            if info.is_dir or not info.path.endswith(".json"):
-                continue
+        for name, path in candidates:
             try:
-                raw = Path(c.download_artifacts(mv.run_id, info.path, dst_path=tmp)).read_bytes()
+                raw = Path(c.download_artifacts(mv.run_id, path, dst_path=tmp)).read_bytes()
                 data = json.loads(raw)
             except Exception:
                 continue
             if isinstance(data, dict):
-                out[Path(info.path).stem] = (data, hashlib.sha256(raw).hexdigest())
+                out[name] = (data, hashlib.sha256(raw).hexdigest())
     return out
 
 

@@ -220,6 +220,13 @@ def _alerts(events: list[dict[str, Any]], chain) -> list[dict[str, Any]]:
     return out
 
 
+def _governance_alerts() -> list[dict[str, Any]]:
+    from compliance.approvals import governance_inconsistencies
+
+    return [{"seq": None, "time_utc": _now(), "action": "governance.inconsistency", "actor": "system",
+             "subject": f"model-version/{f['version']}", "summary": f["problem"]} for f in governance_inconsistencies()]
+
+
 def build_report(start: str | date | datetime, end: str | date | datetime, *, actor: str = "unknown") -> dict[str, Any]:
     """The report as a dict (what the JSON export writes); nothing is recorded."""
     from app.config import get_settings
@@ -240,7 +247,7 @@ def build_report(start: str | date | datetime, end: str | date | datetime, *, ac
         "models": _model_lineage(e),
         "predictions": volume,
         "accuracy": accuracy,
-        "alerts": _alerts(events, chain),
+        "alerts": _alerts(events, chain) + _governance_alerts(),
         "audit_summary": {"n_events_in_period": len(events), "by_action": dict(Counter(ev["action"] for ev in events))},
     }
 

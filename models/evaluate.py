@@ -126,14 +126,17 @@ def choose_threshold(p_covid: np.ndarray, is_covid: np.ndarray, target_sensitivi
 
 # ------------------------------------------------------------------------------- point metrics
 def _auroc(y: np.ndarray, score: np.ndarray, w: np.ndarray | None = None) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    if w is not None:
-        keep = w > 0
-        y, score, w = y[keep], score[keep], w[keep]
-    if len(np.unique(y)) < 2:
+    """(Weighted) AUROC = P(score_pos > score_neg) + 0.5 P(tie); None when a class is absent."""
+    y = np.asarray(y, dtype=bool)
+    w = np.ones(len(y)) if w is None else np.asarray(w, dtype=float)
+    uniq, inv = np.unique(np.asarray(score, dtype=float), return_inverse=True)
+    wpos = np.bincount(inv, weights=w * y, minlength=len(uniq))
+    wneg = np.bincount(inv, weights=w * ~y, minlength=len(uniq))
+    tp, tn = wpos.sum(), wneg.sum()
+    if tp <= 0 or tn <= 0:
         return None
-    return float(roc_auc_score(y, score, sample_weight=w))
+    below = np.cumsum(wneg) - wneg
+    return float((wpos * (below + 0.5 * wneg)).sum() / (tp * tn))
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -20,6 +20,11 @@ Order of checks (all on the header, *before* any pixel decoding):
 8. BitsAllocated 8/16, BitsStored 8–16                           → ``bits-stored``
 9. Rows × Columns ≤ ``max_pixels`` (decompression-bomb guard)    → ``too-many-pixels``
 
+Refusal codes (``ImageRefused.code``): ``wrong-modality``, ``not-chest``, ``lateral-view``,
+``not-frontal``, ``colour-image``, ``multi-frame``, ``no-pixel-data``, ``bits-stored``,
+``too-many-pixels``, ``not-dicom``, ``truncated``, ``undecodable``; for paths also ``not-found``,
+``not-a-file``, ``unreadable``; ``load_png`` adds ``not-image``.
+
 Then pixels are decoded through pydicom's ``pixel_array``, which tries every installed decoder plugin
 in turn (python-gdcm, pylibjpeg, pyjpegls, Pillow, pydicom's own): where pylibjpeg fails (e.g. some
 12-bit JPEG Extended files) python-gdcm is the second decoder; when all fail → ``undecodable``
@@ -83,6 +88,9 @@ LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLAT", "RLAT", "L", "R", "RLD", 
 MONOCHROME = {"MONOCHROME1", "MONOCHROME2"}
 
 
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 class ImageRefused(ValueError):
     """An image the system will not use. ``code``: short kebab id; ``reason``: what was found and what is expected."""
 
@@ -128,6 +136,17 @@ def _int(ds, keyword: str) -> int | None:
         return None
     try:
         return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: Any) -> list[float] | None:
+    """A multi-valued numeric header value as floats; None when absent or malformed (metadata only)."""
+    if value is None or value == "":
+        return None
+    try:
+        items = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str) else [value]
+        return [float(v) for v in items]
     except (TypeError, ValueError):
         return None
 
@@ -184,7 +203,9 @@ def decode_dicom(source: bytes | str | os.PathLike | BinaryIO, *, max_pixels: in
         raise
     except MemoryError:
         raise ImageRefused("too-many-pixels", "not enough memory to decode the image") from None
-    except Exception as exc:  # noqa: BLE001 - never let a decoder bug escape as a traceback
+    except _FATAL:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - never let a decoder bug (or a Rust panic) escape as a traceback
         raise ImageRefused("undecodable", f"the file could not be decoded ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
@@ -200,8 +221,8 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
     if len(data) == 0:
         raise ImageRefused("not-dicom", "the file is empty; expected a DICOM Part 10 file")
     try:
-        with _w.catch_warnings():
-            _w.simplefilter("ignore")
+        with _w.catch_warnings(record=True) as read_warnings:
+            _w.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError:
         raise ImageRefused(
@@ -211,6 +232,8 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
         raise ImageRefused("truncated", f"the DICOM file ends unexpectedly ({type(exc).__name__}); expected a complete file") from None
     except Exception as exc:  # noqa: BLE001
         raise ImageRefused("not-dicom", f"the DICOM header cannot be parsed ({type(exc).__name__}); expected a valid DICOM file") from None
+
+    _check_complete(ds, [str(w.message) for w in read_warnings])
 
     warnings: list[str] = []
     meta = getattr(ds, "file_meta", None)
@@ -294,7 +317,7 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
     if voi_note:
         warnings.append(voi_note)
 
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    spacing = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"))
     dicom_meta = {
         "modality": modality,
         "sop_class_uid": sop_class,
@@ -307,9 +330,9 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
         "photometric": photometric,
         "view_position": view,
         "body_part": body_part,
-        "pixel_spacing_mm": [float(v) for v in spacing] if spacing else None,
+        "pixel_spacing_mm": spacing,
         "manufacturer": _str(ds, "Manufacturer"),
-        "rescale": [float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)],
+        "rescale": _floats([ds.get("RescaleSlope", 1) or 1, ds.get("RescaleIntercept", 0) or 0]),
         "has_window": "WindowCenter" in ds and "WindowWidth" in ds,
         "has_voi_lut": "VOILUTSequence" in ds,
         "patient_sex": _str(ds, "PatientSex"),
@@ -342,6 +365,25 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
     )
 
 
+def _check_complete(ds, read_warnings: list[str]) -> None:
+    """pydicom stops silently at the end of a cut file: detect an empty data set, a short last element
+    or an unterminated encapsulated Pixel Data element."""
+    if any("end of file" in m.lower() for m in read_warnings):
+        raise ImageRefused("truncated", "the file ends inside an element (no sequence/item delimiter); expected a complete file")
+    if len(ds) == 0:
+        raise ImageRefused("truncated", "the file holds file meta information but no data set; expected a complete DICOM file")
+    try:
+        last = ds.get_item(max(ds.keys()))
+    except Exception:  # noqa: BLE001
+        return
+    length = getattr(last, "length", None)
+    value = getattr(last, "value", None)
+    if isinstance(value, (bytes, bytearray)) and length is not None and length != 0xFFFFFFFF and len(value) < length:
+        raise ImageRefused(
+            "truncated", f"the file ends {length - len(value)} bytes short of its last element's declared length; expected a complete file"
+        )
+
+
 def _decode_pixels(ds, ts_uid, ts_name, rows: int, cols: int, bits_alloc: int) -> np.ndarray:
     """Stored pixel values (H, W) via pydicom's pixel_array (all installed plugins, gdcm included)."""
     import warnings as _w
@@ -352,21 +394,43 @@ def _decode_pixels(ds, ts_uid, ts_name, rows: int, cols: int, bits_alloc: int) -
         got = len(ds.PixelData) if ds.PixelData is not None else 0
         if got < expected:
             raise ImageRefused(
-                "truncated", f"Pixel Data holds {got} bytes; {rows} x {cols} at {bits_alloc} bits needs {expected} (file truncated?)"
+                "truncated", f"Pixel Data holds {got} bytes; {rows} x {cols} at {bits_alloc} bits needs {expected}; expected a complete file"
             )
+    errors: list[str] = []
+    arr = None
     try:
         with _w.catch_warnings():
             _w.simplefilter("ignore")
-            arr = ds.pixel_array  # pydicom tries every available plugin: pylibjpeg, pyjpegls, gdcm, Pillow
-    except MemoryError:
+            arr = ds.pixel_array  # pydicom tries every available plugin: gdcm, pylibjpeg, pyjpegls, Pillow, pydicom
+    except _FATAL:
         raise
-    except Exception as exc:  # noqa: BLE001
-        detail = " ".join(str(exc).split())[:300]
+    except BaseException as exc:  # noqa: BLE001 - Rust decoders raise PanicException (a BaseException)
+        errors.append(" ".join(str(exc).split())[:240] or type(exc).__name__)
+    if arr is None and compressed:
+        # a decoder may abort pydicom's own plugin loop (e.g. a panic in pylibjpeg-rle): try each plugin alone
+        try:
+            from pydicom.pixels import get_decoder
+
+            plugins = list(get_decoder(ts_uid).available_plugins)
+        except Exception:  # noqa: BLE001
+            plugins = []
+        for plugin in plugins:
+            try:
+                with _w.catch_warnings():
+                    _w.simplefilter("ignore")
+                    ds.pixel_array_options(decoding_plugin=plugin)
+                    arr = ds.pixel_array
+                break
+            except _FATAL:
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(f"{plugin}: {type(exc).__name__}")
+    if arr is None:
         raise ImageRefused(
             "undecodable",
             f"pixel data in transfer syntax '{ts_name or 'unknown'}' could not be decoded by any available decoder "
-            f"(pylibjpeg, pyjpegls, python-gdcm, Pillow): {detail}",
-        ) from None
+            f"(pylibjpeg, pyjpegls, python-gdcm, Pillow, pydicom): {'; '.join(errors)[:400]}",
+        )
     arr = np.asarray(arr)
     if arr.ndim != 2 or arr.shape != (rows, cols):
         raise ImageRefused("undecodable", f"decoded pixel array has shape {arr.shape}; expected ({rows}, {cols})")
@@ -377,7 +441,7 @@ def _to_unit_range(arr: np.ndarray, ds, photometric: str) -> tuple[np.ndarray, s
     """Modality LUT/rescale, VOI LUT/window, scale to [0, 1], invert MONOCHROME1. Returns (pixels, note)."""
     import warnings as _w
 
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 
     note = None
     with _w.catch_warnings():
@@ -395,11 +459,10 @@ def _to_unit_range(arr: np.ndarray, ds, photometric: str) -> tuple[np.ndarray, s
                 out = None
         if out is None and "WindowCenter" in ds and "WindowWidth" in ds:
             try:
-                ds_w = ds.copy() if "VOILUTSequence" in ds else ds
-                if ds_w is not ds:
-                    del ds_w.VOILUTSequence
-                windowed = np.asarray(apply_voi_lut(values, ds_w, index=0, prefer_lut=False), dtype=np.float64)
-                bounds = np.asarray(apply_voi_lut(np.array([-1e12, 1e12]), ds_w, index=0, prefer_lut=False), dtype=np.float64)
+                # apply_windowing = apply_voi_lut(prefer_lut=False); the window's own output range
+                # (pydicom's y_min..y_max) is found by windowing the extremes
+                windowed = np.asarray(apply_windowing(values, ds, index=0), dtype=np.float64)
+                bounds = np.asarray(apply_windowing(np.array([-1e12, 1e12]), ds, index=0), dtype=np.float64)
                 lo, hi = float(bounds.min()), float(bounds.max())
                 if hi > lo:
                     out = (windowed - lo) / (hi - lo)
@@ -432,7 +495,9 @@ def load_png(path_or_bytes: bytes | str | os.PathLike | BinaryIO, *, max_pixels:
         return _load_png(path_or_bytes, max_pixels=max_pixels)
     except ImageRefused:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except _FATAL:
+        raise
+    except BaseException as exc:  # noqa: BLE001
         raise ImageRefused("undecodable", f"the image could not be decoded ({type(exc).__name__})") from None
 
 

@@ -353,7 +353,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     run_id = run.info.run_id
     prev_run = state.get("run_id")
     state["run_id"] = run_id
-    commit = git_commit(settings.project_root if (settings.project_root / ".git").exists() else None)
+    commit = git_commit()  # the code's commit (the dataset's is in its version)
     sysinfo = system_info(device)
     params = {"dataset": dataset_name, "epochs": epochs, "image_size": image_size, "device": device, "seed": seed,
               "encoder": encoder, "modalities": ",".join(modalities), "batch_size": batch_size, "lr": lr,
@@ -418,7 +418,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     start_epoch = state["epoch"] + 1
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                        disable=not show_progress)
+                        disable=not show_progress or not console.is_terminal)
     with progress:
         for epoch in range(start_epoch, epochs + 1):
             if state["bad_epochs"] >= patience:
@@ -467,6 +467,10 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
             progress.update(task, info=(f"loss {metrics['train_loss']:.4f}  val loss {val_loss:.4f}  "
                                         f"val AUROC {'n/a' if val_auc is None else f'{val_auc:.3f}'}"
                                         f"{'  *' if improved else ''}"))
+            if not console.is_terminal:  # logs / CI: one line per epoch instead of a live bar
+                console.print(f"epoch {epoch}/{epochs}  loss {metrics['train_loss']:.4f}  val loss {val_loss:.4f}  "
+                              f"val AUROC {'n/a' if val_auc is None else f'{val_auc:.3f}'}  "
+                              f"{metrics['train_images_per_second']:.1f} img/s{'  (best)' if improved else ''}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
     if state["best_state"] is None:

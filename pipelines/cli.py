@@ -77,12 +77,18 @@ def run_cmd(
 
     actor = acting_user(as_user)
     try:
+        import contextlib
+        import sys
+
         from pipelines.kfp_pipeline import run_local
 
-        state = run_local(dataset_name=dataset, external_datasets=external, epochs=epochs, image_size=image_size,
-                          encoder=encoder, batch_size=batch_size, seed=seed,
-                          target_sensitivity=target_sensitivity, actor=actor, n_bootstrap=n_bootstrap,
-                          min_train=min_train, min_test=min_test)
+        # task logs go to stderr, so stdout carries only the result (``--json`` stays parseable)
+        with contextlib.redirect_stdout(sys.stderr):
+            state = run_local(dataset_name=dataset, external_datasets=external, epochs=epochs,
+                              image_size=image_size,
+                              encoder=encoder, batch_size=batch_size, seed=seed,
+                              target_sensitivity=target_sensitivity, actor=actor, n_bootstrap=n_bootstrap,
+                              min_train=min_train, min_test=min_test)
     except Exception as exc:  # noqa: BLE001 - a failed task: say which, no traceback
         import re
 

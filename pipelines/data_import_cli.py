@@ -32,7 +32,7 @@ def register_data_commands(data_app: typer.Typer) -> None:
         tag: str | None = typer.Option(None, "--tag", help="variant tag stored on every row"),
         force: bool = typer.Option(False, "--force", help="replace an existing dataset of that name"),
         no_dvc: bool = typer.Option(False, "--no-dvc", help="do not dvc add/push (not recommended)"),
-        workers: int | None = typer.Option(None, "--workers", help="decode processes (default 2)"),
+        workers: int | None = typer.Option(None, "--workers", help="decode processes (default: 1 on a 2-core machine, else up to 4; env CXR_INGEST_WORKERS)"),
         as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
     ) -> None:
         """Validate, de-identify, dedupe, label and split SOURCE into data/NAME, then DVC-track it."""
@@ -101,14 +101,20 @@ def register_data_commands(data_app: typer.Typer) -> None:
         if not items:
             console.print("no datasets under data/ (import one with `cxr data import SOURCE --name NAME`)")
             return
-        table = Table(title="datasets")
-        for col in ("name", "DVC md5", "rows", "rejected", "train/val/test", "git commit", "present"):
-            table.add_column(col)
+        table = Table(title="datasets (version = DVC md5 + git commit)")
+        table.add_column("name", overflow="fold")
+        table.add_column("DVC md5", no_wrap=True, min_width=36)
+        for col in ("rows", "rej.", "train/val/test"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("commit", no_wrap=True)
         for it in items:
             s = it.get("by_split") or {}
-            table.add_row(it["name"], it["dvc_md5"] or "untracked", str(it["rows"] if it["rows"] is not None else "-"),
+            commit = it["git_commit"] or "unknown"
+            md5 = it["dvc_md5"] or "untracked"
+            if not it["present"]:
+                md5 += " (not checked out: dvc pull)"
+            table.add_row(it["name"], md5, str(it["rows"] if it["rows"] is not None else "-"),
                           str(it["rejected"] if it["rejected"] is not None else "-"),
                           "/".join(str(s.get(k, 0)) for k in ("train", "val", "test")),
-                          it["git_commit"][:12] + ("-dirty" if it["git_commit"].endswith("-dirty") else ""),
-                          "yes" if it["present"] else "no (dvc pull)")
-        console.print(table)
+                          commit[:10] + ("*" if commit.endswith("-dirty") else ""))
+        (console if console.is_terminal else Console(width=110)).print(table)

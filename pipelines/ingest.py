@@ -5,8 +5,9 @@ Two source layouts:
 (a) a folder of DICOM files, optionally with an index ``vitals.csv`` (the synthetic layout of
     ``cxr data synth``: filename, patient_id, label, site, study_date, view, sex, age_years, the
     vitals, variant) or a ``labels.csv`` sidecar (filename, label, ...). Without an index every
-    file is a record, labelled ``unlabeled``; with one, every index row is a record and files the
-    index does not list are rejected (``not-in-index``).
+    file is a record, labelled ``unlabeled``; with one, every index row is a record; files a
+    vitals.csv does not list are rejected (``not-in-index``), files a labels.csv does not list
+    are imported as ``unlabeled``. Index labels must be class names (else ``unknown-label``).
 (b) the public COVID-19 image data collection (``metadata.csv`` + ``images/``, PNG/JPEG).
 
 Output, under ``data/<name>/`` (then ``dvc add`` + ``dvc push``):
@@ -44,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from app.config import acting_user, get_settings
+from app.config import acting_user, get_settings, git_commit
 
 PUBLIC_SOURCE = "covid-chestxray-dataset"
 DICOM_SOURCE = "dicom"
@@ -54,7 +55,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 VITAL_COLUMNS = ("temperature_c", "spo2_percent", "heart_rate_bpm", "respiratory_rate",
                  "systolic_bp_mmhg", "age_years")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_REPORTED_AGE = 90  # ages > 89 aggregated (HIPAA Safe Harbor)
 MANIFEST_COLUMNS = [
     "image_hash", "patient_id", "split_group", "split", "label", "finding", "view", "site", "source",
@@ -69,11 +70,8 @@ REJECTED_COLUMNS = [
 ]
 
 
-class ImportError_(RuntimeError):
+class DatasetImportError(RuntimeError):
     """The import cannot run at all (bad source, name taken, ...): message for the user."""
-
-
-DatasetImportError = ImportError_
 
 
 @dataclass
@@ -158,21 +156,25 @@ def parse_date(text: Any) -> tuple[date | None, int | None]:
 # labels
 
 
-def map_finding(finding: Any) -> str | None:
-    """Free-text finding → label (ARCHITECTURE.md); canonical labels pass through; None = unknown."""
+def map_finding(finding: Any, free_text: bool = True) -> str | None:
+    """Finding → label (ARCHITECTURE.md). ``free_text`` (the public collection's ``finding``):
+    contains "COVID-19" → covid19; "No Finding" → normal; blank/"todo" → unlabeled; any other
+    finding (pneumonia, organisms, SARS, ARDS, Lipoid, ...) → other_pneumonia. Otherwise (a
+    labelled index such as vitals.csv) only the class names and those spellings are accepted and
+    anything else gives None (rejected as ``unknown-label``)."""
     s = "" if finding is None else str(finding).strip()
-    if s.lower() in ("", "nan", "todo", "unlabeled", "unknown"):
+    low = s.lower()
+    if low in ("", "nan", "todo", "unlabeled", "unlabelled", "unknown"):
         return "unlabeled"
     if s in LABELS:
         return s
-    if "covid-19" in s.lower() or s.lower() == "covid19":
+    if "covid-19" in low or low == "covid19":
         return "covid19"
-    if s.lower() == "no finding" or s.lower() == "normal":
+    if low in ("no finding", "normal"):
         return "normal"
-    if s.lower().replace(" ", "_") in ("other_pneumonia", "pneumonia"):
+    if low.replace(" ", "_") in ("other_pneumonia", "pneumonia"):
         return "other_pneumonia"
-    # the public collection's other findings: pneumonia, organisms, SARS, ARDS, Lipoid, ...
-    return "other_pneumonia"
+    return "other_pneumonia" if free_text else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,10 +238,11 @@ def _public_records(source: Path) -> list[Record]:
 
 def _dicom_records(source: Path) -> list[Record]:
     index_path = next((source / n for n in INDEX_NAMES if (source / n).is_file()), None)
+    index_files = {source / n for n in INDEX_NAMES}
     files = sorted(
         p for p in source.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
-        and p != index_path and p.name.lower() not in ("readme.md", "readme.txt")
+        and p not in index_files and p.name.lower() not in ("readme.md", "readme.txt")
     )
     records: list[Record] = []
     if index_path is None:
@@ -248,7 +251,7 @@ def _dicom_records(source: Path) -> list[Record]:
         return records
     rows = _read_csv(index_path)
     if rows and "filename" not in rows[0]:
-        raise ImportError_(f"{index_path.name} has no `filename` column; columns: {', '.join(rows[0])}")
+        raise DatasetImportError(f"{index_path.name} has no `filename` column; columns: {', '.join(rows[0])}")
     listed = set()
     for i, r in enumerate(rows, start=1):
         fn = (r.get("filename") or "").strip()
@@ -266,12 +269,16 @@ def _dicom_records(source: Path) -> list[Record]:
             listed.add(path.resolve())
         records.append(rec)
     n = len(rows)
+    sidecar = index_path.name == "labels.csv"  # a labels sidecar: files it omits are unlabeled
     for p in files:
         if p.resolve() not in listed:
             n += 1
-            records.append(Record(row=n, path=p, kind="dicom", source=DICOM_SOURCE, raw={},
-                                  code="not-in-index",
-                                  reason=f"file is not listed in {index_path.name} (no label/vitals for it)"))
+            if sidecar:
+                records.append(Record(row=n, path=p, kind="dicom", source=DICOM_SOURCE, raw={}))
+            else:
+                records.append(Record(row=n, path=p, kind="dicom", source=DICOM_SOURCE, raw={},
+                                      code="not-in-index",
+                                      reason=f"file is not listed in {index_path.name} (no label/vitals for it)"))
     return records
 
 
@@ -443,7 +450,25 @@ def assign_splits(groups: dict[str, tuple[str, int]], seed: int,
             k = int(np.argmax(deficits))
             counts[k] += n
             out[g] = SPLITS[k]
+        _fill_empty_splits(out, [members[j] for j in order], groups)
+    _fill_empty_splits(out, sorted(groups), groups)
     return out
+
+
+def _fill_empty_splits(out: dict[str, str], members: list[str], groups: dict[str, tuple[str, int]]) -> None:
+    """With 3+ groups, no split stays empty: move the smallest group of the fullest split into it
+    (small cohorts and small strata would otherwise put every group into train)."""
+    if len(members) < 3:
+        return
+    for target in ("test", "val"):
+        by_split = {s: [g for g in members if out[g] == s] for s in SPLITS}
+        if by_split[target]:
+            continue
+        donor = max((s for s in SPLITS if len(by_split[s]) > 1), key=lambda s: len(by_split[s]), default=None)
+        if donor is None:
+            return
+        g = min(by_split[donor], key=lambda x: (groups[x][1], members.index(x)))
+        out[g] = target
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +491,7 @@ def _role_of(actor: str) -> str:
 
 def _validate_name(name: str) -> None:
     if not NAME_RE.match(name or ""):
-        raise ImportError_(f"invalid dataset name {name!r}: use letters, digits, '_', '-', '.' (max 64)")
+        raise DatasetImportError(f"invalid dataset name {name!r}: use letters, digits, '_' and '-' (max 64)")
 
 
 def _ingest(source: Path, *, seed: int, batch: int, tag: str | None, workers: int, quiet: bool,
@@ -476,14 +501,14 @@ def _ingest(source: Path, *, seed: int, batch: int, tag: str | None, workers: in
 
     source = Path(source)
     if not source.exists():
-        raise ImportError_(f"source {source} does not exist")
+        raise DatasetImportError(f"source {source} does not exist")
     if not source.is_dir():
-        raise ImportError_(f"source {source} is not a folder (expected DICOM files + vitals.csv, "
+        raise DatasetImportError(f"source {source} is not a folder (expected DICOM files + vitals.csv, "
                            "or metadata.csv + images/)")
     layout = detect_layout(source)
     records = _public_records(source) if layout == "public" else _dicom_records(source)
     if not records:
-        raise ImportError_(f"source {source} holds no files to import")
+        raise DatasetImportError(f"source {source} holds no files to import")
     pseudo = Pseudonymizer(get_settings().secret("pseudonym_key"))
     decoded = _run_decode(records, workers, f"decoding {len(records)} records", quiet)
 
@@ -508,7 +533,7 @@ def _ingest(source: Path, *, seed: int, batch: int, tag: str | None, workers: in
         if d is not None:
             d = d - timedelta(days=shift)
             year = d.year
-        label = map_finding(raw.get("finding"))
+        label = map_finding(raw.get("finding"), free_text=rec.source == PUBLIC_SOURCE)
         view = _normalise_view(raw.get("view")) or _normalise_view(res.get("view"))
         site = raw.get("site") or header.get("InstitutionName") or "unknown"
         variant = tag if tag is not None else (raw.get("variant") or "")
@@ -537,7 +562,8 @@ def _ingest(source: Path, *, seed: int, batch: int, tag: str | None, workers: in
             except (ValueError, TypeError) as exc:
                 code, reason = "vitals-invalid", str(exc)
         if code is None and label is None:
-            code, reason = "unknown-label", "label is not one of covid19, other_pneumonia, normal, unlabeled"
+            code, reason = "unknown-label", (f"label {raw.get('finding')!r} is not one of covid19, "
+                                             "other_pneumonia, normal, unlabeled")
         row["code"], row["reason"] = code, reason
         row["raw_vitals"] = vin
         row["vitals"] = vitals
@@ -746,7 +772,7 @@ def import_dataset(source: Path, name: str, *, seed: int = 42, actor: str | None
     workers = workers or default_workers()
     root = get_settings().data_dir / name
     if (root / "manifest.parquet").exists() and not force:
-        raise ImportError_(f"dataset {name!r} already exists at {root}; add data with "
+        raise DatasetImportError(f"dataset {name!r} already exists at {root}; add data with "
                            f"`cxr data add-batch SOURCE --to {name} --tag TAG` or re-import with --force")
     t0 = time.perf_counter()
     manifest_rows, rejected_rows, arrays, info = _ingest(Path(source), seed=seed, batch=0, tag=tag,
@@ -771,7 +797,8 @@ def import_dataset(source: Path, name: str, *, seed: int = 42, actor: str | None
 
         summary.dvc_md5 = track_dataset(name)
         record_event("dataset.versioned", actor=actor, role=role, subject=f"dataset:{name}",
-                     details={"dvc_md5": summary.dvc_md5, "rows": summary.n_accepted, "batch": 0})
+                     details={"dvc_md5": summary.dvc_md5, "rows": summary.n_accepted, "batch": 0,
+                              "git_commit": git_commit(get_settings().project_root)})
     return summary
 
 
@@ -788,7 +815,7 @@ def add_batch(source: Path, name: str, *, tag: str, seed: int = 42, actor: str |
     workers = workers or default_workers()
     root = get_settings().data_dir / name
     if not (root / "manifest.parquet").exists():
-        raise ImportError_(f"dataset {name!r} not found at {root}: import it first with "
+        raise DatasetImportError(f"dataset {name!r} not found at {root}: import it first with "
                            f"`cxr data import SOURCE --name {name}` (or `dvc pull data/{name}.dvc`)")
     existing = pd.read_parquet(root / "manifest.parquet")
     existing_rej = pd.read_csv(root / "rejected.csv", dtype=str, keep_default_na=False)
@@ -799,9 +826,14 @@ def add_batch(source: Path, name: str, *, tag: str, seed: int = 42, actor: str |
     manifest_rows, rejected_rows, arrays, info = _ingest(Path(source), seed=seed + batch, batch=batch,
                                                          tag=tag, workers=workers, quiet=quiet,
                                                          existing=existing)
+    from pipelines.dvc_store import dataset_md5
+
+    # lineage: the DVC version this batch was added to (the new version's own hash cannot be
+    # inside the folder it hashes; it lives in data/<name>.dvc)
     meta.setdefault("batches", []).append({"batch": batch, "tag": tag, "source_kind": info["source_kind"],
                                            "n_input": info["n_input"], "n_accepted": len(manifest_rows),
-                                           "n_rejected": len(rejected_rows)})
+                                           "n_rejected": len(rejected_rows),
+                                           "parent_dvc_md5": dataset_md5(name) or ""})
     _write(root, manifest_rows, rejected_rows, arrays, meta, existing=existing, existing_rejected=existing_rej)
     seconds = time.perf_counter() - t0
     summary = _summary(name, info, batch, manifest_rows, rejected_rows, root, seconds, workers)
@@ -814,7 +846,7 @@ def add_batch(source: Path, name: str, *, tag: str, seed: int = 42, actor: str |
         summary.dvc_md5 = track_dataset(name)
         record_event("dataset.versioned", actor=actor, role=role, subject=f"dataset:{name}",
                      details={"dvc_md5": summary.dvc_md5, "rows": int(len(existing) + len(manifest_rows)),
-                              "batch": batch})
+                              "batch": batch, "git_commit": git_commit(get_settings().project_root)})
     return summary
 
 

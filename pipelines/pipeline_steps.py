@@ -130,6 +130,12 @@ def _audit(action: str, *, actor: str, subject: str, details: dict, role: str | 
                  details=json.loads(json.dumps(details, default=_json_default)))
 
 
+def _model_subject(version: str) -> str:
+    from app.config import get_settings
+
+    return f"model/{get_settings().registered_model_name}/{version}"
+
+
 def _fail(state: dict, step: str, exc: BaseException) -> None:
     """Mark the pipeline's MLflow run failed and audit the failure; the caller re-raises."""
     try:
@@ -352,7 +358,8 @@ def step_train(state_json: str) -> str:
         version = str(result["model_version"])
         state["model_version"] = version
         state["training_run_id"] = result["run_id"]
-        state["training_evaluation"] = result.get("evaluation")
+        state["training_evaluation"] = {m: (result.get("evaluation") or {}).get(m)
+                                        for m in ("auroc", "sensitivity", "specificity", "threshold", "n_patients")}
         if result.get("dataset_version") and state.get("dataset_version") and \
                 str(result["dataset_version"]) != str(state["dataset_version"]):
             raise RuntimeError(f"trained on dataset version {result['dataset_version']} but validated "
@@ -428,10 +435,6 @@ def step_evaluate(state_json: str) -> str:
             state.setdefault("evaluation_source", {})[key] = source
         log_json(client, state["training_run_id"], evaluations, "pipeline/evaluations.json")
         state["evaluation_summary"] = summary
-        _audit("model.evaluated", actor=p.get("actor", "pipeline"), subject=f"model:{version}",
-               details={"pipeline_run_id": run_id, "test_sets": list(evaluations),
-                        "summary": {k: {m: (v or {}).get("value") if isinstance(v, dict) else v
-                                        for m, v in s.items()} for k, s in summary.items()}})
         return _dumps(state)
     except BaseException as exc:
         _fail(state, "evaluate", exc)
@@ -520,16 +523,17 @@ def step_policy(state_json: str) -> str:
         passed = None
         if isinstance(result, dict):
             passed = result.get("passed", result.get("ok"))
-        state["policy"] = result
-        state["policy_passed"] = passed
         log_json(client, run_id, result, "policy/policy.json")
+        state["policy"] = {k: result.get(k) for k in ("passed", "policy_version", "failed_criteria", "error")} \
+            if isinstance(result, dict) else result
+        state["policy_passed"] = passed
         client.set_tag(run_id, "policy_passed", str(passed))
         state["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         state["next_step"] = (f"human review: `cxr model approve {version} --reason ... --as APPROVER` "
                               "(the pipeline never approves)")
         log_json(client, run_id, state, "pipeline/state.json")
         client.set_terminated(run_id, "FINISHED")
-        _audit("pipeline.run", actor=p.get("actor", "pipeline"), subject=f"model:{version}",
+        _audit("pipeline.run", actor=p.get("actor", "pipeline"), subject=_model_subject(version),
                details={"status": "finished", "pipeline": PIPELINE_NAME, "pipeline_run_id": run_id,
                         "training_run_id": state["training_run_id"], "model_version": version,
                         "dataset": state["dataset_name"], "dataset_version": state["dataset_version"],

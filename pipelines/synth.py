@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,30 +161,33 @@ def render_chest(
     top = anatomy["lung_top"]
     soft = 0.012
 
-    body = _sig(1.0 - ((u - cx) / anatomy["body_w"]) ** 2 - ((v - 0.62) / 0.62) ** 2, 0.05)
+    body = _sig(1.0 - np.abs((u - cx) / anatomy["body_w"]) ** 3 - ((v - 0.70) / 0.72) ** 2, 0.05)
     img = 0.04 + 0.50 * body
     # shoulders/neck soft tissue above the lungs
-    img += 0.10 * body * _sig(top + 0.02 - v, 0.03)
+    img += 0.08 * body * _sig(top + 0.04 - v, 0.04)
 
     lung = np.zeros_like(u)
     lungs = {}
     for side in (-1.0, 1.0):  # -1 = image left = patient's right
         lx = cx + side * anatomy["lung_dx"]
         dome = anatomy["dome"] + (-0.015 if side < 0 else 0.0)
-        ly = (top + dome) / 2.0
-        ay = (dome - top) / 2.0 + 0.05
+        ly = dome - 0.06
+        ay = ly - top
         ax = anatomy["lung_w"]
-        ex = np.abs((u - lx) / ax) ** 2.4 + np.abs((v - ly) / ay) ** 2.0
+        # apex narrower than the base: the half-width grows towards the diaphragm
+        ax_v = ax * (0.68 + 0.32 * np.clip((v - top) / (ay + 1e-6), 0.0, 1.0) ** 0.5)
+        ex = np.abs((u - lx) / ax_v) ** 2.2 + np.abs((v - ly) / ay) ** 2.0
         dome_curve = dome - 0.05 * np.clip(1.0 - ((u - lx) / (ax * 1.1)) ** 2, 0.0, 1.0)
-        m = _sig(1.0 - ex, 0.08) * _sig(dome_curve - v, soft) * _sig(v - top, soft)
+        m = _sig(1.0 - ex, 0.08) * _sig(dome_curve - v, soft)
+        ly = (top + dome) / 2.0
         lungs[side] = (m, lx, ly, ax, ay, dome)
         lung = np.maximum(lung, m)
     img -= 0.36 * lung
 
     # mediastinum, heart (to the patient's left = image right), spine
-    med = _sig(0.045 - np.abs(u - cx), 0.01) * _sig(anatomy["dome"] - v, 0.02) * _sig(v - 0.05, 0.02)
-    hx, hy = cx + 0.035, anatomy["dome"] - 0.09
-    heart = _sig(1.0 - ((u - hx) / anatomy["heart_w"]) ** 2 - ((v - hy) / 0.11) ** 2, 0.08)
+    med = _sig(0.04 + 0.02 * v - np.abs(u - cx), 0.012) * _sig(anatomy["dome"] - v, 0.02) * _sig(v - 0.05, 0.02)
+    hx, hy = cx + 0.045, anatomy["dome"] - 0.10
+    heart = _sig(1.0 - ((u - hx) / anatomy["heart_w"]) ** 2 - ((v - hy) / 0.12) ** 2, 0.15)
     img += 0.30 * np.maximum(med, heart) * (0.5 + 0.5 * lung)
     img += 0.08 * _sig(0.022 - np.abs(u - cx), 0.006) * body
     # abdomen below the domes is dense
@@ -197,7 +201,7 @@ def render_chest(
         ribs += np.exp(-(((v - centre) / (0.010 + 0.001 * k)) ** 2))
     img += 0.07 * np.clip(ribs, 0, 1.2) * (0.3 + 0.7 * lung) * _sig(0.43 - np.abs(u - cx), 0.02)
     for side in (-1.0, 1.0):
-        clav_centre = top - 0.015 + 0.1 * np.abs(u - cx) * 0.3 - 0.04 * np.abs(u - cx)
+        clav_centre = top + 0.04 - 0.18 * (np.abs(u - cx) - 0.03)
         reach = _sig(0.30 - np.abs(u - cx), 0.01) * _sig(side * (u - cx) - 0.03, 0.01)
         img += 0.10 * np.exp(-(((v - clav_centre) / 0.012) ** 2)) * reach
 
@@ -253,7 +257,7 @@ def _anatomy(rng: np.random.Generator) -> dict:
         "lung_dx": 0.185 + rng.normal(0, 0.008),
         "lung_w": 0.145 + rng.normal(0, 0.008),
         "body_w": 0.44 + rng.normal(0, 0.015),
-        "heart_w": rng.uniform(0.11, 0.16),
+        "heart_w": rng.uniform(0.13, 0.18),
         "heel": rng.uniform(-0.12, 0.12),
         "vessel_phase": rng.uniform(0, 6.28),
     }
@@ -304,7 +308,7 @@ def encode_dicom(stored: np.ndarray, header: dict, transfer_syntax: str) -> byte
         ds["PixelData"].VR = "OW" if bits > 8 else "OB"
     else:
         kwargs = {"encoding_plugin": "pylibjpeg"} if ts == U.JPEG2000Lossless else {}
-        ds.compress(ts, arr, **kwargs)
+        ds.compress(ts, arr, generate_instance_uid=False, **kwargs)  # keep the deterministic UID
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -388,7 +392,9 @@ def synthesize_cohort(
 
     ``image_size``: rows in pixels (columns = rows × the site's aspect). ``variant``: a key of
     ``VARIANTS`` or None/"" for the base cohort. ``progress(n_done_images)`` is called per file.
-    Deterministic: same arguments → byte-identical files.
+    Deterministic: same arguments → byte-identical files. Files named like this generator's
+    (``pNNNNN_sK.dcm``) left in ``out_dir`` by an earlier run and not rewritten are removed, so the
+    folder always matches its ``vitals.csv``.
     """
     if n_patients < 1:
         raise ValueError("n_patients must be at least 1")
@@ -484,6 +490,12 @@ def synthesize_cohort(
             n_images += 1
             if progress:
                 progress(n_images)
+    # a re-run into the same folder must leave it consistent with vitals.csv: remove stale files of
+    # an earlier (larger) cohort — only names this generator writes
+    written = {r["filename"] for r in rows_out}
+    for stale in out.glob("p*_s*.dcm"):
+        if re.fullmatch(r"p\d{5}_s\d+\.dcm", stale.name) and stale.name not in written:
+            stale.unlink()
     with open(out / "vitals.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()

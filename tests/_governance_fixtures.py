@@ -6,6 +6,9 @@ and the registry tags training writes (dataset_version, git_commit, status, trai
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 
@@ -53,14 +56,38 @@ def failing_evaluation() -> dict[str, Any]:
     return ev
 
 
+_TEMPLATE_DB: Path | None = None
+
+
+def ensure_mlflow_db() -> None:
+    """Give this test's CXR_HOME an MLflow SQLite store: a copy of one migrated empty store made once
+    per test process (creating a store runs MLflow's ~50 schema migrations: seconds each time)."""
+    global _TEMPLATE_DB
+    from app.config import get_settings
+
+    s = get_settings()
+    target = s.state_dir / "mlflow.db"
+    if not s.tracking_uri.startswith("sqlite:///") or target.exists():
+        return
+    if _TEMPLATE_DB is None or not _TEMPLATE_DB.exists():
+        from mlflow import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="cxr-mlflow-template-")) / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+        _TEMPLATE_DB = template
+    shutil.copyfile(_TEMPLATE_DB, target)
+
+
 def make_version(evaluation: dict[str, Any] | None, *, trained_by: str = "rita", registered_by: str | None = None,
-                 dataset_version: str = "ds-md5-good", git_commit: str = "0123abcd", params: dict | None = None) -> str:
+                 dataset_version: str = "ds-md5-good", git_commit: str = "0123abcd", params: dict | None = None,
+                 external_artifacts: dict[str, dict] | None = None) -> str:
     """Register a new ``covid-cxr`` version (status candidate); returns its version number."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from app.config import get_settings
 
+    ensure_mlflow_db()
     s = get_settings()
     c = MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
     exp = c.get_experiment_by_name("governance-tests")
@@ -73,6 +100,8 @@ def make_version(evaluation: dict[str, Any] | None, *, trained_by: str = "rita",
     c.log_text(rid, "tiny model weights placeholder", "model/weights.txt")
     if evaluation is not None:
         c.log_dict(rid, evaluation, "evaluation/evaluation.json")
+    for name, ev in (external_artifacts or {}).items():  # what `cxr evaluate` on another dataset logs
+        c.log_dict(rid, ev, f"evaluation/external/{name}.json")
     c.set_terminated(rid)
     try:
         c.create_registered_model(s.registered_model_name)
@@ -89,5 +118,6 @@ def mlflow_client():
 
     from app.config import get_settings
 
+    ensure_mlflow_db()
     s = get_settings()
     return MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)

@@ -39,11 +39,12 @@ def commit_all(project: Path, message: str) -> str:
     return git(project, "rev-parse", "HEAD")
 
 
-def synth(out: Path, *, patients: int, seed: int, variant: str | None = None) -> Path:
-    """`cxr data synth --patients N --out DIR --seed S [--variant V]` through the real CLI."""
+def synth(out: Path, *, patients: int, seed: int, variant: str | None = None, image_size: int = 128) -> Path:
+    """`cxr data synth --patients N --out DIR --seed S [--variant V]` through the real CLI (small images)."""
     from app.cli import root
 
-    args = ["data", "synth", "--patients", str(patients), "--out", str(out), "--seed", str(seed)]
+    args = ["data", "synth", "--patients", str(patients), "--out", str(out), "--seed", str(seed),
+            "--image-size", str(image_size)]
     if variant:
         args += ["--variant", variant]
     res = CliRunner().invoke(root, args)

@@ -80,13 +80,10 @@ def _reset() -> None:
 
 
 def _synth(out: Path, patients: int, seed: int) -> None:
-    from typer.testing import CliRunner
+    """The synthetic cohort generator behind `cxr data synth` (small 128-px images to keep CI fast)."""
+    from pipelines.synth import synthesize_cohort
 
-    from app.cli import root
-
-    res = CliRunner().invoke(root, ["data", "synth", "--patients", str(patients), "--out", str(out),
-                                    "--seed", str(seed)])
-    assert res.exit_code == 0, res.output
+    synthesize_cohort(patients, out, seed=seed, image_size=128)
 
 
 @pytest.fixture(scope="session")

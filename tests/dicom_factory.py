@@ -4,7 +4,7 @@
 syntax the project accepts. Encoders: native (little/big endian, implicit, deflated) by pydicom;
 RLE by pydicom; JPEG 2000 (lossless/lossy) by pylibjpeg-openjpeg; JPEG-LS by pyjpegls; JPEG
 baseline by Pillow (8-bit) + encapsulation; JPEG lossless (process 14) by python-gdcm.
-All values are fake; pixel content is a deterministic pattern (``test_pattern``).
+All values are fake; pixel content is a deterministic pattern (``pattern_pixels``).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ FAKE_PATIENT_NAME = "TESTPERSON^ZELDA^Q"
 FAKE_PATIENT_ID = "MRN-99887766"
 
 
-def test_pattern(rows: int, cols: int, bits: int, seed: int = 0) -> np.ndarray:
+def pattern_pixels(rows: int, cols: int, bits: int, seed: int = 0) -> np.ndarray:
     """Deterministic stored values (rows, cols) using the full 0..2**bits-1 range: gradient + blocks + noise."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:rows, 0:cols]
@@ -177,7 +177,7 @@ def make_dicom(
     """A DICOM Part 10 file as bytes.
 
     ``pixels``: stored values (rows, cols) (or (frames, rows, cols), (rows, cols, 3) for colour);
-    default ``test_pattern``. ``pixel_data=False`` leaves Pixel Data out. ``fake_pixel_bytes``
+    default ``pattern_pixels``. ``pixel_data=False`` leaves Pixel Data out. ``fake_pixel_bytes``
     writes those bytes as native Pixel Data whatever the header says (decompression-bomb headers).
     """
     ts = UID(str(transfer_syntax))
@@ -196,7 +196,7 @@ def make_dicom(
         return to_bytes(ds)
     samples = ds.SamplesPerPixel
     if pixels is None:
-        plane = test_pattern(rows, cols, bits, seed)
+        plane = pattern_pixels(rows, cols, bits, seed)
         if samples == 3:
             pixels = np.stack([plane, plane[::-1], plane[:, ::-1]], axis=-1)
         elif frames > 1:
@@ -240,7 +240,7 @@ def make_dicom(
         kwargs = {"encoding_plugin": "pylibjpeg"}
     elif ts == JPEGLSNearLossless:
         kwargs = {"jls_error": 2}
-    ds.compress(ts, pixels, **kwargs)
+    ds.compress(ts, pixels, generate_instance_uid=False, **kwargs)
     return to_bytes(ds)
 
 

@@ -79,7 +79,7 @@ def test_predict_fhir_validates(client, api_env):  # noqa: F811
     assert r.headers["content-type"].startswith("application/fhir+json")
     report = DiagnosticReport.model_validate(r.json())
     assert report.id and len(report.result) >= 5
-    kinds = {c.resource_type for c in report.contained}
+    kinds = {c.get_resource_type() for c in report.contained}
     assert {"Observation", "Device"} <= kinds
     assert api_env.version in r.text
 

@@ -65,7 +65,7 @@ def test_dvc_push_pull_versions_and_add_batch(cxr_env: Path, git_project: Path):
     project = git_project
     assert (project / ".dvc").is_dir() and (project / "data" / "cohort.dvc").exists()
     config = (project / ".dvc" / "config").read_text()
-    assert "analytics = false" in config and "check_update = false" in config
+    assert "analytics = false" in config.lower() and "check_update = false" in config.lower()
     md5_v1 = s.dvc_md5
     assert md5_v1 and md5_v1.endswith(".dir") and dataset_md5("cohort") == md5_v1
     remote = cxr_env / "home" / "dvc-remote"
@@ -111,6 +111,8 @@ def test_dvc_push_pull_versions_and_add_batch(cxr_env: Path, git_project: Path):
     merged = before.merge(after[["image_hash", "split"]], on="image_hash", suffixes=("_old", "_new"))
     assert len(merged) == len(before) and (merged["split_old"] == merged["split_new"]).all()
     assert set(after.loc[after["batch"] == 1, "variant"]) == {"variant-b"}
+    batches = load_dataset("cohort").metadata["batches"]
+    assert [b["batch"] for b in batches] == [0, 1] and batches[1]["parent_dvc_md5"] == md5_v1
     assert after.groupby("patient_id")["split"].nunique().max() == 1
     _git(project, "add", "data/cohort.dvc")
     _git(project, "commit", "-q", "-m", "dataset cohort v2")

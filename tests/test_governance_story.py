@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from _governance_fixtures import GOOD_EVALUATION, failing_evaluation, make_version, mlflow_client
+from _governance_fixtures import GOOD_EVALUATION, ensure_mlflow_db, failing_evaluation, make_version, mlflow_client
 
 PW = {"root": "root-password-1", "rita": "rita-password-1", "alice": "alice-password-1",
       "carol": "carol-password-1"}
@@ -169,7 +169,7 @@ def test_governance_story(cxr_env):
 
     # --- cxr audit verify OK (in-process CLI and the real console entry point) ---------------------------
     r = run(["audit", "verify"])
-    assert r.exit_code == 0 and "audit chain intact" in r.output
+    assert r.exit_code == 0 and "audit chain intact" in r.output and "e-signatures: all verify" in r.output
     env = {**os.environ, "CXR_HOME": str(cxr_env / "home"), "CXR_PROJECT_ROOT": str(cxr_env / "project")}
     proc = subprocess.run([sys.executable, "-c", "from app.cli import main; main()", "audit", "verify"],
                           capture_output=True, text=True, env=env, timeout=120)
@@ -177,20 +177,28 @@ def test_governance_story(cxr_env):
     assert "audit chain intact" in proc.stdout
 
     # --- tamper directly in SQLite: verify fails and names the entry ------------------------------------
-    seq = [e for e in __import__("compliance.audit", fromlist=["list_events"]).list_events(action="model.approved")][0]["seq"]
+    from compliance.audit import list_events
+
+    seq = list_events(action="model.approved")[0]["seq"]
     con = sqlite3.connect(cxr_env / "home" / "cxr.db")
+    # (a) the signature row alone is edited: the chain is intact but the signature no longer verifies
+    con.execute("UPDATE e_signatures SET reason='rubber stamp' WHERE version=? AND action='approve'", (v_good,))
+    con.commit()
+    r = run(["audit", "verify"])
+    assert r.exit_code == 1 and "E-SIGNATURE INVALID" in r.output and f"audit entry {seq}" in r.output
+    assert not verify_signature(signatures(v_good)[0])
+    # (b) the audit entry itself is edited to match: the chain names the entry
     con.execute("UPDATE audit_trail SET details=replace(details, 'meets release policy', 'rubber stamp') WHERE seq=?",
                 (seq,))
-    con.execute("UPDATE e_signatures SET reason='rubber stamp' WHERE version=? AND action='approve'", (v_good,))
     con.commit()
     con.close()
     r = run(["audit", "verify"])
     assert r.exit_code == 1
-    assert f"entry {seq}" in r.output and "Traceback" not in r.output
-    assert not verify_signature(signatures(v_good)[0])
+    assert "AUDIT CHAIN BROKEN" in r.output and f"entry {seq}:" in r.output and "Traceback" not in r.output
 
 
 def test_unknown_version_and_bad_input_fail_cleanly(cxr_env):
+    ensure_mlflow_db()
     assert run(["users", "add", "root", "--role", "admin", "--password-stdin"], user="root",
                password=PW["root"]).exit_code == 0
     r = run(["model", "check", "42"], user="root")
@@ -204,3 +212,50 @@ def test_unknown_version_and_bad_input_fail_cleanly(cxr_env):
     r = run(["audit", "export", "--from", "2026-13-01", "--to", "2026-12-01", "--format", "json", "--out", "r.json"],
             user="root")
     assert r.exit_code == 1 and "invalid date" in r.output
+
+
+def test_policy_criteria_measured_values_and_external_artifacts(cxr_env):
+    """Each criterion reports measured value, threshold and verdict; external validation may come from
+    evaluation.json['external'] or from separately logged evaluation/external/<dataset>.json artefacts."""
+    import copy
+
+    from compliance.audit import list_events
+    from compliance.policy import check_release_policy
+
+    bad = check_release_policy(make_version(failing_evaluation()), actor="qa")
+    by_id = {c.id: c for c in bad.criteria}
+    assert not bad.passed and bad.policy_version == "1.0.0"
+    assert (by_id["covid19-sensitivity-lower-bound"].measured, by_id["covid19-sensitivity-lower-bound"].threshold,
+            by_id["covid19-sensitivity-lower-bound"].passed) == (0.41, 0.70, False)
+    assert by_id["covid19-auroc-lower-bound"].passed and by_id["calibration-ece-after"].passed
+    assert not by_id["minimum-test-patients"].passed and not by_id["external-validation"].passed
+    assert {c.id for c in bad.failed} == {"covid19-sensitivity-lower-bound", "minimum-test-patients",
+                                          "external-validation"}
+
+    no_ext = copy.deepcopy(GOOD_EVALUATION)
+    no_ext.pop("external")
+    ext = {"n_patients": 25, "external": True,
+           "covid19_vs_rest": {"auroc": {"value": 0.8, "ci_low": 0.72, "ci_high": 0.88}}}
+    ok = check_release_policy(make_version(no_ext, external_artifacts={"site-c": ext}), actor="qa")
+    assert ok.passed, [(c.id, c.measured, c.note) for c in ok.failed]
+    assert set(ok.external_sha256) == {"site-c"}
+    weak = dict(ext, covid19_vs_rest={"auroc": {"value": 0.7, "ci_low": 0.6, "ci_high": 0.8}})
+    res = check_release_policy(make_version(no_ext, external_artifacts={"site-c": ext, "site-d": weak}), record=False)
+    ext_result = {c.id: c for c in res.criteria}["external-validation"]
+    assert not res.passed and ext_result.measured == 0.6 and "site-d=0.6" in ext_result.note
+    # lineage tags are required
+    res = check_release_policy(make_version(GOOD_EVALUATION, git_commit=""), record=False)
+    assert [c.id for c in res.failed] == ["lineage-recorded"]
+    # a version without evaluation fails with a reason (and cannot be approved even with an override)
+    v_none = make_version(None)
+    res = check_release_policy(v_none, actor="qa")
+    assert not res.passed and "evaluation/evaluation.json not found" in res.error
+    from compliance.approvals import ApprovalRefused, approve_model_version
+    from compliance.users import create_user
+
+    create_user("alice", "approver", PW["alice"])
+    with pytest.raises(ApprovalRefused, match="without an evaluation"):
+        approve_model_version(v_none, approver="alice", password=PW["alice"], reason="trust me please",
+                              override_policy_reason="no evaluation but urgent")
+    checked = list_events(action="policy.checked")
+    assert len(checked) == 4 and checked[0]["details"]["measured"]["minimum-test-patients"] == 12

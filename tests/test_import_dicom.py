@@ -224,3 +224,71 @@ def test_cli_errors_are_messages_not_tracebacks(cxr_env: Path):
     assert res.exit_code != 0 and "invalid dataset name" in res.output
     res = runner.invoke(app, ["add-batch", str(cxr_env), "--to", "missing", "--tag", "v2"])
     assert res.exit_code != 0 and "not found" in res.output
+
+
+def test_synthetic_cohort_headers_leave_no_trace(cxr_env: Path):
+    """Every identifying header value the synthetic cohort writes (names, ids, accession numbers,
+    birth dates, UIDs, institution) is absent from every output file."""
+    import pydicom
+
+    from pipelines.datasets import load_dataset
+    from pipelines.ingest import import_dataset
+    from pipelines.synth import synthesize_cohort
+
+    src = cxr_env / "synth"
+    synthesize_cohort(8, src, seed=5, image_size=96)
+    secrets: set[str] = set()
+    for p in src.glob("*.dcm"):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        for kw in ("PatientName", "ReferringPhysicianName"):
+            name = str(ds.get(kw, "") or "")
+            secrets |= {part for part in name.split("^") if len(part) >= 4}
+        for kw in ("PatientID", "AccessionNumber", "PatientBirthDate", "StudyInstanceUID", "SOPInstanceUID",
+                   "SeriesInstanceUID", "InstitutionName"):
+            v = str(ds.get(kw, "") or "")
+            if len(v) >= 6:
+                secrets.add(v)
+    with open(src / "vitals.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    secrets |= {r["patient_id"] for r in rows if len(r["patient_id"]) >= 6}
+    assert len(secrets) > 20
+    s = import_dataset(src, "syn", seed=1, actor="tester", track=False, workers=1, quiet=True)
+    assert s.n_input == len(rows) and s.n_accepted + s.n_rejected == len(rows)
+    assert s.n_accepted >= len(rows) - 2, s.by_code
+    man = load_dataset("syn").manifest
+    assert man.groupby("patient_id")["split"].nunique().max() == 1
+    for blob_path in _all_output_files(cxr_env / "project", cxr_env / "home"):
+        blob = blob_path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in blob, f"{secret!r} found in {blob_path}"
+    # dates shifted, per patient by one constant offset
+    offsets = {}
+    by_row = {i: r for i, r in enumerate(rows, start=1)}
+    for rec in man.itertuples():
+        real = pd.Timestamp(by_row[rec.source_row]["study_date"])
+        delta = (real - pd.Timestamp(rec.study_date)).days
+        assert 1 <= delta <= 365
+        offsets.setdefault(rec.patient_id, set()).add(delta)
+    assert all(len(v) == 1 for v in offsets.values())
+
+
+def test_labels_sidecar_and_unknown_label(cxr_env: Path):
+    from pipelines.datasets import load_dataset
+    from pipelines.ingest import import_dataset, map_finding
+
+    src = cxr_env / "side"
+    src.mkdir()
+    for i in range(3):
+        write_dicom(src / f"s{i}.dcm", seed=40 + i, patient_id=f"SIDE-{i}")
+    (src / "labels.csv").write_text("filename,label\ns0.dcm,covid19\ns1.dcm,banana\n")
+    s = import_dataset(src, "side", seed=1, actor="tester", track=False, workers=1, quiet=True)
+    assert (s.n_input, s.n_accepted, s.n_rejected) == (3, 2, 1)
+    man = load_dataset("side").manifest.sort_values("source_row")
+    assert list(man["label"]) == ["covid19", "unlabeled"]  # s2.dcm is not in the sidecar
+    rej = pd.read_csv(load_dataset("side").root / "rejected.csv")
+    assert list(rej["code"]) == ["unknown-label"] and "banana" in rej["reason"].iloc[0]
+    # the public collection's free-text findings
+    assert map_finding("COVID-19, ARDS") == "covid19" and map_finding("No Finding") == "normal"
+    assert map_finding("Streptococcus") == "other_pneumonia" and map_finding("todo") == "unlabeled"
+    assert map_finding("Lipoid") == map_finding("SARS") == map_finding("ARDS") == "other_pneumonia"
+    assert map_finding("", free_text=False) == "unlabeled" and map_finding("banana", free_text=False) is None

@@ -38,7 +38,7 @@ def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage
     v = state["model_version"]
     mv = client.get_model_version(name, v)
     assert mv.tags["status"] == "candidate"
-    assert client.get_model_version_by_alias(name, "challenger").version == v
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v
     with pytest.raises(Exception):  # the pipeline never makes a champion
         client.get_model_version_by_alias(name, "champion")
     assert mv.tags["dataset_version"] == version["dataset_version"]

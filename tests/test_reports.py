@@ -165,3 +165,35 @@ def test_model_card_markdown_and_pdf(world, tmp_path):
     pdf = write_model_card(world["v1"], tmp_path / "card.pdf")
     text = _pdf_text(pdf)
     assert f"version {world['v1']}" in text and "Intended use" in text and "Limitations" in text
+
+
+def test_registry_changes_behind_governance_are_reported(world, tmp_path):
+    """MLflow has no access control: an alias moved or a tag set directly shows up as an alert."""
+    from _governance_fixtures import mlflow_client
+    from compliance.approvals import governance_inconsistencies
+    from compliance.cli import register
+    from compliance.reports import build_report
+
+    assert governance_inconsistencies() == []
+    client = mlflow_client()
+    client.set_registered_model_alias("covid-cxr", "champion", world["v2"])
+    client.set_model_version_tag("covid-cxr", world["v2"], "status", "approved")
+    problems = {f["problem"] for f in governance_inconsistencies()}
+    assert any("moved outside governance" in p for p in problems)
+    assert "champion has no approval signature" in problems
+    assert "status tag 'approved' without an approval signature" in problems
+    alerts = [a for a in build_report(FROM, TO)["alerts"] if a["action"] == "governance.inconsistency"]
+    assert len(alerts) == 3 and alerts[0]["subject"] == f"model-version/{world['v2']}"
+
+    # read-only model commands work from the CLI and show the lineage
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    res = runner.invoke(app, ["model", "list", "--json"])
+    assert res.exit_code == 0 and [v["version"] for v in json.loads(res.stdout)] == [world["v1"], world["v2"]]
+    res = runner.invoke(app, ["model", "show", world["v1"]])
+    assert res.exit_code == 0 and "Alice Approver" in res.output and "ds-md5-good" in res.output
+    res = runner.invoke(app, ["model", "card", world["v1"], "--out", str(tmp_path / "c.md")])
+    assert res.exit_code == 0 and (tmp_path / "c.md").read_text().startswith("# Model card")
+    res = runner.invoke(app, ["model", "card", world["v1"], "--out", str(tmp_path / "c.txt")])
+    assert res.exit_code == 1 and "unknown model-card format" in res.output

@@ -93,7 +93,7 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
     approve_model_version(champ["model_version"], approver="dora", password=PASSWORD,
                           reason="champion for the variant-retraining test",
                           override_policy_reason="synthetic CI cohort too small for the policy's CI bounds")
-    assert resolve_version("champion") == str(champ["model_version"])
+    assert str(resolve_version("champion")) == str(champ["model_version"])
     t_champion = time.monotonic() - t0
 
     # 2. a new-variant batch through the real CLI → v1; an external held-out variant cohort
@@ -138,8 +138,8 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
     assert ext_sens["challenger"]["value"] > ext_sens["champion"]["value"], ext_sens
     assert ext_sens["challenger"]["value"] >= champ_variant_sens["value"]
     # never auto-approved: the champion is unchanged, the new version is a candidate challenger
-    assert resolve_version("champion") == str(champ["model_version"])
-    assert resolve_version("challenger") == state["model_version"]
+    assert str(resolve_version("champion")) == str(champ["model_version"])
+    assert str(resolve_version("challenger")) == state["model_version"]
     md = Path(client.download_artifacts(state["pipeline_run_id"], "comparison/comparison.md",
                                         str(cxr_env))).read_text()
     assert f"variant={VARIANT}" in md

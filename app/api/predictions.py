@@ -59,6 +59,10 @@ class InputCache:
         return None if item is None else (item[0].astype(np.float32), item[1])
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")  # NaN/Infinity: not JSON (RFC 8259), never a missing value
+
+
 def _parse_vitals_text(text: str | None) -> dict[str, Any]:
     from models.preprocessing import parse_vitals
 
@@ -66,8 +70,8 @@ def _parse_vitals_text(text: str | None) -> dict[str, Any]:
         raw: Any = {}
     else:
         try:
-            raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raw = json.loads(text, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
             raise ApiProblem(422, "malformed-json", f"field 'vitals' is not valid JSON "
                              f"(line {getattr(exc, 'lineno', '?')}, column {getattr(exc, 'colno', '?')})",
                              title="Malformed JSON", field="vitals") from None

@@ -1,0 +1,156 @@
+"""Training throughput: the real end-to-end loop vs the model-step ceiling, in the same run.
+
+    python benchmarks/train_throughput.py [--device auto|cpu|cuda] [--image-size 224] [--encoder densenet121]
+        [--batch-size 32] [--steps 30] [--warmup 5] [--dataset NAME] [--n-images 512] [--workers N]
+
+- end-to-end: ``models.train``'s own pieces — cached float16 arrays on disk → MONAI CacheDataset
+  (load + resize cached) → train-time augmentation (``train_transforms``) → ThreadDataLoader →
+  ``train_step`` on FusionNet (image + vitals), bf16 autocast + channels_last on a GPU.
+- ceiling: the same model and ``train_step`` on synthetic tensors already on the device.
+Prints one JSON object with images/s for both and their ratio. Without ``--dataset`` it writes
+``--n-images`` synthetic arrays in the dataset layout to a temporary folder first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _synthetic_items(n: int, root: Path, n_vit: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    (root / "arrays").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:256, 0:256] / 255.0
+    items = []
+    for i in range(n):
+        img = 0.5 + 0.2 * np.sin(xx * rng.uniform(2, 8) + yy * rng.uniform(2, 8)) + 0.05 * rng.standard_normal((256, 256))
+        p = root / "arrays" / f"{i}.npy"
+        np.save(p, np.clip(img, 0, 1)[None].astype(np.float16))
+        items.append({"image": str(p), "vitals": rng.standard_normal(n_vit).astype(np.float32),
+                      "label": int(rng.integers(0, 3))})
+    return items
+
+
+def _dataset_items(name: str, n_vit: int) -> list[dict]:
+    from models.train import labelled, make_items
+    from models.transforms import VitalsEncoder
+    from pipelines.datasets import load_dataset
+
+    ds = load_dataset(name)
+    frame = labelled(ds.manifest)
+    return make_items(frame, ds.root, VitalsEncoder.fit(frame[frame["split"] == "train"]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--encoder", default="densenet121")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dataset", default=None, help="an imported dataset (default: synthetic arrays)")
+    ap.add_argument("--n-images", type=int, default=512)
+    ap.add_argument("--workers", type=int, default=None, help="loader worker processes (default: GPU 8, CPU 0)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from models.network import FusionNet
+    from models.train import build_loader, resolve_device, to_device, train_step
+    from models.transforms import N_VITALS_FEATURES, train_transforms
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    use_amp = cuda and torch.cuda.is_bf16_supported()
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    mods = ("image", "vitals")
+
+    def make_net():
+        torch.manual_seed(0)
+        net = FusionNet(encoder=args.encoder, image_size=args.image_size, n_vitals_features=N_VITALS_FEATURES,
+                        modalities=mods).to(device)
+        if cuda:
+            net = net.to(memory_format=torch.channels_last)
+        return net.train(), torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    weights = torch.ones(3, device=device)
+    total = args.warmup + args.steps
+
+    # ---- ceiling: synthetic tensors already on the device
+    net, opt = make_net()
+    B, S = args.batch_size, args.image_size
+    img = torch.rand(B, 1, S, S, device=device)
+    if cuda:
+        img = img.contiguous(memory_format=torch.channels_last)
+    vit = torch.randn(B, N_VITALS_FEATURES, device=device)
+    y = torch.randint(0, 3, (B,), device=device)
+    for i in range(total):
+        if i == args.warmup:
+            sync()
+            t0 = time.perf_counter()
+        train_step(net, opt, img, vit, y, weights, use_amp)
+    sync()
+    ceiling = args.steps * B / (time.perf_counter() - t0)
+    del net, opt
+
+    # ---- end to end: disk → cache → augmentation → loader → device → step
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        t_prep = time.perf_counter()
+        items = (_dataset_items(args.dataset, N_VITALS_FEATURES) if args.dataset
+                 else _synthetic_items(args.n_images, Path(tmp), N_VITALS_FEATURES))
+        _, loader = build_loader(items, train_transforms(S), batch_size=B, shuffle=True, device=device, seed=0,
+                                 drop_last=True, num_workers=args.workers)
+        cache_s = time.perf_counter() - t_prep
+        net, opt = make_net()
+        step, t0, seen = 0, None, 0
+        while step < total:
+            for batch in loader:
+                if step == args.warmup:
+                    sync()
+                    t0 = time.perf_counter()
+                    seen = 0
+                im, vi, yy = to_device(batch, device, mods)
+                train_step(net, opt, im, vi, yy, weights, use_amp)
+                seen += len(yy)
+                step += 1
+                if step >= total:
+                    break
+        sync()
+        e2e = seen / (time.perf_counter() - t0)
+
+    info = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "encoder": args.encoder,
+            "image_size": S, "batch_size": B, "steps": args.steps, "bf16_autocast": use_amp, "channels_last": cuda,
+            "loader_workers": args.workers if args.workers is not None else (min(8, os.cpu_count() or 2) if cuda else 0),
+            "n_items": len(items), "cache_seconds": round(cache_s, 2),
+            "ceiling_images_per_s": round(ceiling, 2), "end_to_end_images_per_s": round(e2e, 2),
+            "ratio": round(e2e / ceiling, 3), "torch": torch.__version__}
+    print(json.dumps(info))
+    print(f"end-to-end {e2e:.1f} img/s vs ceiling {ceiling:.1f} img/s: ratio {e2e / ceiling:.3f}", file=sys.stderr)
+    return info
+
+
+if __name__ == "__main__":
+    main()

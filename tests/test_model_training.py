@@ -1,0 +1,264 @@
+"""Model training end to end on CPU: synthetic cohort → FusionNet → evaluation → MLflow registry.
+
+One module-scoped training run (small encoder, 64 px) is shared by the checks; the determinism
+(CLI subprocess, same seed) and resume tests train again and must reproduce its numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from model_fixtures import write_synthetic_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TRAIN_KW = dict(epochs=8, image_size=64, encoder="small", batch_size=8, lr=3e-3, patience=3, seed=7,
+                device="cpu", n_bootstrap=200, show_progress=False)
+CLI_ARGS = ["--epochs", "8", "--image-size", "64", "--encoder", "small", "--batch-size", "8", "--lr", "0.003",
+            "--patience", "3", "--seed", "7", "--device", "cpu", "--bootstrap", "200"]
+
+
+def _use_state(mp: pytest.MonkeyPatch, home: Path, project: Path) -> None:
+    from app.config import reset_settings
+    from compliance.db import dispose_engines
+
+    home.mkdir(parents=True, exist_ok=True)
+    mp.setenv("CXR_HOME", str(home))
+    mp.setenv("CXR_PROJECT_ROOT", str(project))
+    mp.setenv("CXR_USER", "rita.researcher")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("CXR_DATABASE_URL", raising=False)
+    dispose_engines()
+    reset_settings()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(2)
+    base = tmp_path_factory.mktemp("model")
+    project = base / "project"
+    write_synthetic_dataset(project, "synthtest", n_patients=90, seed=0)
+    mp = pytest.MonkeyPatch()
+    _use_state(mp, base / "home", project)
+    from models.train import train
+
+    result = train("synthtest", **TRAIN_KW)
+    yield {"base": base, "project": project, "home": base / "home", "result": result, "mp": mp}
+    mp.undo()
+    from app.config import reset_settings
+    from compliance.db import dispose_engines
+
+    dispose_engines()
+    reset_settings()
+
+
+@pytest.fixture()
+def state(trained):
+    """Re-point settings at the shared run's state (another test may have switched them)."""
+    _use_state(trained["mp"], trained["home"], trained["project"])
+    return trained
+
+
+def test_training_reaches_auroc_and_registers_candidate(state):
+    from mlflow import MlflowClient
+
+    from app.config import get_settings
+    from compliance.audit import list_events, verify_chain
+
+    r = state["result"]
+    ev = r["evaluation"]
+    assert ev["auroc"]["value"] >= 0.90, ev
+    assert r["model_version"] == "1"
+    assert r["dataset_version"]
+    s = get_settings()
+    assert s.tracking_uri.startswith("sqlite:///") and str(state["home"]) in s.tracking_uri
+    c = MlflowClient(s.tracking_uri, s.tracking_uri)
+    mv = c.get_model_version("covid-cxr", "1")
+    assert mv.run_id == r["run_id"]
+    for tag in ("dataset_version", "git_commit", "trained_by", "registered_by"):
+        assert mv.tags.get(tag), tag
+    assert mv.tags["status"] == "candidate"
+    assert mv.tags["trained_by"] == "rita.researcher"
+    run = c.get_run(r["run_id"])
+    assert run.data.tags["dataset_version"] == r["dataset_version"]
+    assert run.data.tags["git_commit"] and run.data.tags["trained_by"] == "rita.researcher"
+    assert run.data.params["encoder"] == "small" and run.data.params["n_unlabelled_excluded"] == "4"
+    hist = c.get_metric_history(r["run_id"], "val_auroc_covid19")
+    assert len(hist) == len(r["history"]) >= 2
+    # artefacts live under CXR_HOME, never ./mlruns
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.artifact_location.startswith((state["home"] / "mlartifacts").as_uri())
+    assert not (Path.cwd() / "mlruns").exists()
+    names = {a.path for a in c.list_artifacts(r["run_id"], "evaluation")}
+    for f in ("evaluation.json", "roc.png", "reliability.png", "confusion.png", "test_predictions.csv"):
+        assert f"evaluation/{f}" in names
+    # no patient ids in MLflow artefacts
+    preds = pd.read_csv(c.download_artifacts(r["run_id"], "evaluation/test_predictions.csv", str(state["base"])))
+    assert "patient_id" not in preds.columns
+    man = pd.read_parquet(state["project"] / "data/synthtest/manifest.parquet")
+    raw = Path(c.download_artifacts(r["run_id"], "evaluation/evaluation.json", str(state["base"]))).read_text()
+    assert not any(pid in raw for pid in man["patient_id"].unique())
+    # unlabeled rows (NaN pixels) were never trained on: the loss stayed finite
+    assert all(np.isfinite(h["train_loss"]) for h in r["history"])
+    actions = [e["action"] for e in list_events()]
+    for a in ("training.started", "model.registered", "model.evaluated", "training.finished"):
+        assert a in actions
+    assert verify_chain().ok
+
+
+def test_evaluation_json_schema(state):
+    from models.registry import evaluation_path, get_evaluation
+
+    ev = get_evaluation("1")
+    assert json.loads(evaluation_path("1").read_text())["model_version"] == "1"
+    cvr = ev["covid19_vs_rest"]
+    for k in ("auroc", "sensitivity", "specificity", "ppv", "npv"):
+        m = cvr[k]
+        assert set(m) >= {"value", "ci_low", "ci_high"}
+        assert m["ci_low"] <= m["value"] + 1e-9 and m["value"] <= m["ci_high"] + 1e-9, (k, m)
+    assert 0 < cvr["threshold"] < 1
+    assert cvr["threshold_selection"]["chosen_on"] == "validation"
+    cal = ev["calibration"]
+    assert cal["temperature"] > 0 and cal["ece_before"] is not None and cal["ece_after"] is not None
+    assert ev["model_version"] == "1" and ev["dataset_version"] == state["result"]["dataset_version"]
+    assert ev["n_images"] >= ev["n_patients"] > 0
+    for attr in ("sex", "age_band", "view", "site", "source"):
+        groups = ev["subgroups"][attr]
+        assert sum(g["n_images"] for g in groups.values()) == ev["n_images"]
+        assert all("small" in g and "n_patients" in g for g in groups.values())
+    assert set(ev["per_class_auroc"]) == {"covid19", "other_pneumonia", "normal"}
+    assert np.asarray(ev["confusion_matrix"]["matrix"]).sum() == ev["n_images"]
+
+
+def test_clinical_model_api(state):
+    from models.registry import get_model_version, load_clinical_model, set_alias
+    from pipelines.datasets import load_dataset
+
+    set_alias("champion", "1")
+    assert "champion" in get_model_version("1")["aliases"]
+    m = load_clinical_model("champion")
+    assert m.version == "1" and m.classes == ["covid19", "other_pneumonia", "normal"]
+    assert m.image_size == 64 and 0 < m.operating_threshold < 1 and m.temperature > 0
+    ref = m.reference
+    assert set(ref["vitals"]) >= {"spo2_percent", "temperature_c"}
+    for h in [*ref["vitals"].values(), ref["image_intensity"]]:
+        assert len(h["edges"]) == len(h["fractions"]) + 1 and abs(sum(h["fractions"]) - 1) < 1e-6
+    assert ref["ood"]["threshold"] > 0
+    ds = load_dataset("synthtest")
+    test = ds.split("test")
+    images = [ds.array(r) for _, r in test.iterrows()]
+    vitals = test.to_dict("records")
+    out = m.predict(images, vitals)
+    assert len(out) == len(test)
+    for o in out:
+        assert abs(sum(o["probabilities"].values()) - 1) < 1e-6
+        assert o["decision"] == ("covid19-positive" if o["p_covid19"] >= m.operating_threshold else "covid19-negative")
+    # missing vitals are allowed (missing indicators)
+    assert len(m.predict(images[:1], [{}])) == 1
+    cam = m.gradcam(images[0], vitals[0])
+    assert cam.shape == (256, 256) and cam.min() >= 0 and cam.max() <= 1
+    # an image unlike any radiograph scores as out of distribution
+    noise = np.random.default_rng(0).random((1, 256, 256)).astype(np.float32)
+    assert m.ood_score([noise], [vitals[0]])[0] > np.median([o["ood_score"] for o in out])
+
+
+def test_pyfunc_fresh_process_matches_training(state):
+    from mlflow import MlflowClient
+
+    from app.config import get_settings
+    from models.registry import load_clinical_model
+    from models.serving import encode_image
+    from pipelines.datasets import load_dataset
+
+    r = state["result"]
+    s = get_settings()
+    ds = load_dataset("synthtest")
+    test = ds.split("test").reset_index(drop=True)
+    frame = pd.DataFrame({"image": [encode_image(ds.array(row)) for _, row in test.iterrows()],
+                          **{f: test[f].astype(float) for f in ("temperature_c", "spo2_percent", "heart_rate_bpm",
+                                                                 "respiratory_rate", "systolic_bp_mmhg", "age_years")},
+                          "sex": test["sex"].astype(str)})
+    inp = state["base"] / "pyfunc_in.parquet"
+    outp = state["base"] / "pyfunc_out.json"
+    frame.to_parquet(inp)
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "m = mlflow.pyfunc.load_model('models:/covid-cxr/1')\n"
+        "out = m.predict(pd.read_parquet(sys.argv[1]))\n"
+        "json.dump(out.to_dict('list'), open(sys.argv[2], 'w'))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": s.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run([sys.executable, "-c", script, str(inp), str(outp)], env=env, cwd=state["base"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(outp.read_text())
+    # the training process's own predictions (logged at training time) ...
+    c = MlflowClient(s.tracking_uri)
+    logged = pd.read_csv(c.download_artifacts(r["run_id"], "evaluation/test_predictions.csv", str(state["base"])))
+    logged = logged.set_index("image_hash").loc[test["image_hash"]]
+    np.testing.assert_allclose(fresh["p_covid19"], logged["p_covid19"].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(fresh["p_normal"], logged["p_normal"].to_numpy(), atol=1e-5)
+    # ... and this process's ClinicalModel agree with the fresh process
+    inproc = load_clinical_model("1").predict([ds.array(row) for _, row in test.iterrows()], test.to_dict("records"))
+    np.testing.assert_allclose(fresh["p_covid19"], [o["p_covid19"] for o in inproc], atol=1e-6)
+    assert fresh["decision"] == [o["decision"] for o in inproc]
+
+
+def test_cli_json_same_seed_same_metrics(state):
+    """`cxr train --json` in another process and another store reproduces the in-process run."""
+    home2 = state["base"] / "home_cli"
+    env = {**os.environ, "CXR_HOME": str(home2), "CXR_PROJECT_ROOT": str(state["project"]),
+           "CXR_USER": "rita.researcher", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "train", "--dataset", "synthtest", *CLI_ARGS, "--json"],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout  # exactly one JSON object on stdout
+    out = json.loads(lines[0])
+    assert {"model_version", "run_id", "dataset_version", "evaluation"} <= set(out)
+    assert out["model_version"] == "1"
+    ref = state["result"]["evaluation"]
+    for k in ("auroc", "sensitivity", "specificity", "ppv", "npv"):
+        assert out["evaluation"][k]["value"] == pytest.approx(ref[k]["value"], abs=1e-6), k
+        assert out["evaluation"][k]["ci_low"] == pytest.approx(ref[k]["ci_low"], abs=1e-6), k
+    assert out["evaluation"]["threshold"] == pytest.approx(ref["threshold"], abs=1e-6)
+    assert out["dataset_version"] == state["result"]["dataset_version"]
+
+
+def test_resume_from_checkpoint_reproduces_uninterrupted_run(state):
+    from models.train import train
+
+    _use_state(state["mp"], state["base"] / "home_resume", state["project"])
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_2(epoch, metrics):
+        if epoch == 2:
+            raise Crash("simulated interruption")
+
+    with pytest.raises(Crash):
+        train("synthtest", **TRAIN_KW, on_epoch_end=crash_after_2)
+    resumed = train("synthtest", **TRAIN_KW, resume=True)
+    ref = state["result"]
+    assert [h["epoch"] for h in resumed["history"]] == [h["epoch"] for h in ref["history"]]
+    np.testing.assert_allclose([h["val_loss"] for h in resumed["history"]],
+                               [h["val_loss"] for h in ref["history"]], atol=1e-6)
+    assert resumed["evaluation"]["auroc"]["value"] == pytest.approx(ref["evaluation"]["auroc"]["value"], abs=1e-6)
+    from mlflow import MlflowClient
+
+    from app.config import get_settings
+
+    run = MlflowClient(get_settings().tracking_uri).get_run(resumed["run_id"])
+    assert run.data.tags.get("resumed_after_epoch") == "2"
+    assert run.info.status == "FINISHED"
