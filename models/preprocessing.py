@@ -122,6 +122,12 @@ class DecodedImage:
     patient: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+def _show(value: str | None, limit: int = 24) -> str:
+    """A header value quoted in a refusal reason: printable ASCII only, at most ``limit`` characters."""
+    text = "".join(ch for ch in str(value) if 32 <= ord(ch) < 127)
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
 def _str(ds, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None:
@@ -206,7 +212,8 @@ def decode_dicom(source: bytes | str | os.PathLike | BinaryIO, *, max_pixels: in
     except _FATAL:
         raise
     except BaseException as exc:  # noqa: BLE001 - never let a decoder bug (or a Rust panic) escape as a traceback
-        raise ImageRefused("undecodable", f"the file could not be decoded ({type(exc).__name__}: {str(exc)[:160]})") from None
+        # only the exception type: messages may quote header values (identifiers)
+        raise ImageRefused("undecodable", f"the file could not be decoded ({type(exc).__name__}); expected a valid DICOM image") from None
 
 
 def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
@@ -252,12 +259,12 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
             warnings.append("Modality missing: CR taken from the SOP Class UID")
     if modality not in ACCEPTED_MODALITIES:
         found = modality or "no Modality and no radiography SOP Class"
-        raise ImageRefused("wrong-modality", f"modality is {found}; expected a chest radiograph (CR or DX)")
+        raise ImageRefused("wrong-modality", f"modality is {_show(found, 48)}; expected a chest radiograph (CR or DX)")
 
     # 3. body part
     body_part = (_str(ds, "BodyPartExamined") or "").upper() or None
     if body_part is not None and body_part not in CHEST_BODY_PARTS:
-        raise ImageRefused("not-chest", f"BodyPartExamined is {body_part}; expected CHEST (or missing)")
+        raise ImageRefused("not-chest", f"BodyPartExamined is {_show(body_part)}; expected CHEST (or missing)")
 
     # 4. view
     view_raw = (_str(ds, "ViewPosition") or "").upper() or None
@@ -267,9 +274,9 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
     elif view_raw in FRONTAL_VIEWS:
         view = view_raw
     elif view_raw in LATERAL_VIEWS or "LAT" in view_raw:
-        raise ImageRefused("lateral-view", f"ViewPosition is {view_raw} (lateral); expected a frontal view (PA or AP)")
+        raise ImageRefused("lateral-view", f"ViewPosition is {_show(view_raw)} (lateral); expected a frontal view (PA or AP)")
     else:
-        raise ImageRefused("not-frontal", f"ViewPosition is {view_raw}; expected a frontal view (PA or AP)")
+        raise ImageRefused("not-frontal", f"ViewPosition is {_show(view_raw)}; expected a frontal view (PA or AP)")
 
     # 5. colour
     photometric = (_str(ds, "PhotometricInterpretation") or "").upper() or None
@@ -277,7 +284,7 @@ def _decode_dicom(source: Any, *, max_pixels: int | None) -> DecodedImage:
     if samples != 1 or (photometric is not None and photometric not in MONOCHROME):
         raise ImageRefused(
             "colour-image",
-            f"PhotometricInterpretation is {photometric or 'missing'} with {samples} sample(s) per pixel; "
+            f"PhotometricInterpretation is {_show(photometric or 'missing')} with {samples} sample(s) per pixel; "
             "expected grayscale (MONOCHROME1 or MONOCHROME2)",
         )
     if photometric is None:

@@ -292,7 +292,8 @@ def lineage_of_run(run_id: str) -> dict:
     if not dataset_name or not dataset_version:
         raise ReproduceError(f"run {run_id} records no dataset name/version: cannot reproduce it")
     evaluation = _download_json(client, run_id, "evaluation/evaluation.json")
-    return {"run_id": run_id, "dataset_name": dataset_name, "dataset_version": str(dataset_version),
+    return {"run_id": run_id, "from_pipeline": bool(lineage), "dataset_name": dataset_name,
+            "dataset_version": str(dataset_version),
             "git_commit": git, "parameters": p, "seed": p.get("seed"), "evaluation": evaluation,
             "environment": lineage.get("environment") or {k[4:]: v for k, v in tags.items() if k.startswith("env.")}}
 
@@ -352,7 +353,7 @@ def _cleanup_dataset(alias: str) -> None:
 def reproduce_run(run_id: str, *, tolerance: float = 0.02, actor: str | None = None,
                   keep_data: bool = False) -> dict:
     """Re-train from ``run_id``'s lineage; compare metrics. Returns the comparison (``within_tolerance``)."""
-    from app.config import acting_user, git_commit
+    from app.config import acting_user, get_settings, git_commit
     from compliance.audit import record_event
     from models.train import train
     from pipelines.pipeline_steps import _client, _train_kwargs, package_versions, record_lineage_on_run
@@ -361,7 +362,10 @@ def reproduce_run(run_id: str, *, tolerance: float = 0.02, actor: str | None = N
     lin = lineage_of_run(run_id)
     dataset, created = materialize_dataset_version(lin["dataset_name"], lin["dataset_version"])
     notes = []
-    current = git_commit()
+    # the pipeline records the code's commit; a plain `cxr train` run records the project root's
+    settings_root = get_settings().project_root
+    current = git_commit() if lin.get("from_pipeline") or not (settings_root / ".git").exists() \
+        else git_commit(settings_root)
     if lin.get("git_commit") and current.replace("-dirty", "") != str(lin["git_commit"]).replace("-dirty", ""):
         notes.append(f"code commit differs: recorded {lin['git_commit']}, running {current} "
                      f"(check out {lin['git_commit']} for an exact re-run)")

@@ -123,7 +123,8 @@ def test_every_query_parses_with_promtool(bd, tmp_path):
         for var in dashboard["templating"]["list"]:
             match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"]["query"])
             assert match, var["query"]
-            rules.append({"record": f"dashboard_check:var_{var['name']}", "expr": match.group(1)})
+            rules.append({"record": f"dashboard_check:{name.split('.')[0].replace('-', '_')}:var_{var['name']}",
+                          "expr": match.group(1)})
     leftovers = [r["expr"] for r in rules if "$" in r["expr"]]
     assert not leftovers, f"template variables without a substitution: {leftovers}"
     path = tmp_path / "dashboard_queries.yml"

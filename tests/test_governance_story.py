@@ -195,6 +195,14 @@ def test_governance_story(cxr_env):
     r = run(["audit", "verify"])
     assert r.exit_code == 1
     assert "AUDIT CHAIN BROKEN" in r.output and f"entry {seq}:" in r.output and "Traceback" not in r.output
+    # (c) a signature row deleted: its signing audit entry reports it missing
+    from compliance.approvals import verify_signatures
+
+    con = sqlite3.connect(cxr_env / "home" / "cxr.db")
+    con.execute("DELETE FROM e_signatures WHERE version=? AND action='reject'", (v_alice,))
+    con.commit()
+    con.close()
+    assert any("missing (deleted)" in p["problem"] for p in verify_signatures())
 
 
 def test_unknown_version_and_bad_input_fail_cleanly(cxr_env):

@@ -85,7 +85,7 @@ def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage
     # reproduce from the recorded lineage (same data version, parameters, seed) within tolerance
     res = CliRunner().invoke(root, ["reproduce", state["training_run_id"], "--tolerance", "0.02", "--json"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output[res.output.index("{"):])
+    out, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{"):])
     assert out["within_tolerance"] and out["dataset_version"] == version["dataset_version"]
     assert {r["metric"] for r in out["metrics"]} == {"auroc", "sensitivity", "specificity"}
 

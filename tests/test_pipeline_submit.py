@@ -94,7 +94,7 @@ def test_submit_sends_the_compiled_pipeline_with_gpu_request(cxr_env, fake_clust
     res = CliRunner().invoke(root, ["pipeline", "submit", "--host", url, "--experiment", "variant-retraining",
                                     "--dataset", "cohort", "--external", "site-b", "--epochs", "3", "--as", "alice"])
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output[res.output.index("{"):])
+    out, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{"):])
     assert out["run_id"] == "run-123" and out["image"] == "covid-cxr:latest"
 
     runs = [b for m, p, b in received if m == "POST" and p.startswith("/apis/v2beta1/runs")]

@@ -153,6 +153,16 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
     git(project, "checkout", v1_commit, "--", "data/cohort.dvc")
     checkout_dataset("cohort")
     assert load_dataset("cohort").version["dvc_md5"] == v1["dvc_md5"]
+
+    # `cxr reproduce` of the champion's run: its dataset version (v0) is no longer the working copy, so
+    # it is checked out from DVC beside it, re-trained with the recorded parameters and seed, compared
+    res = CliRunner().invoke(root, ["reproduce", champ["run_id"], "--tolerance", "0.02", "--json"])
+    assert res.exit_code == 0, res.output
+    repro, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{"):])
+    assert repro["within_tolerance"] and repro["dataset_version"] == v0["dataset_version"]
+    assert repro["trained_on"] != "cohort" and repro["reproduced_dataset_version"] == v0["dataset_version"]
+    assert not (project / "data" / repro["trained_on"]).exists()  # the temporary checkout is removed
+    assert load_dataset("cohort").version["dvc_md5"] == v1["dvc_md5"]  # the working copy is untouched
     elapsed = time.monotonic() - t0
 
     # the numbers for the lead's note
@@ -170,7 +180,10 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
         "",
         f"Dataset versions: v0 `{v0['dvc_md5']}` → v1 `{v1['dvc_md5']}` (v0 checked out again with git + dvc: "
         f"{n0} rows).  Champion v{champ['model_version']} (trained on v0), challenger v{state['model_version']} "
-        f"(pipeline on v1).",
+        f"(pipeline on v1).  `cxr reproduce` of the champion's run (v0 checked out by DVC beside v1): "
+        + ", ".join(f"{r['metric']} {r['recorded']:.3f} → {r['reproduced']:.3f}" for r in repro["metrics"]
+                    if r["recorded"] is not None and r["reproduced"] is not None)
+        + f" (tolerance ±{repro['tolerance']}).",
         "",
         "| test set | n images (covid19) | champion sensitivity | challenger sensitivity | difference |",
         "|---|---|---|---|---|",

@@ -1,0 +1,245 @@
+"""API latency benchmark: the real server (uvicorn subprocess on 127.0.0.1), real 2k x 2k DICOMs.
+
+Sends 2048 x 2048 12-bit chest phantoms as DICOM, JPEG 2000 lossless and uncompressed (explicit VR
+little endian, 8 MiB), at concurrency 1, 8 and 32; reports p50/p95/p99 latency and throughput per
+level and input, and -- in the same run, same machine, same model -- the raw in-process time of
+``decode_dicom`` + ``prepare_image`` + ``ClinicalModel.predict`` on the same bytes. The overhead ratio
+is API p50 at concurrency 1 / raw p50 (goal <= 1.25).
+
+    python benchmarks/api_latency.py [--home DIR] [--requests 12] [--levels 1,8,32] [--out results.json]
+
+With no champion in ``--home`` it bootstraps one: synthetic cohort (40 patients) -> import -> train
+(small encoder, 64 px, 1 epoch, CPU) -> signed approval. The model is therefore tiny: the numbers
+measure the serving path (upload, decode, storage, audit, auth), which dominates on CPU anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "benchmark-password"
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _setup_env(home: Path) -> None:
+    project = home / "project"
+    project.mkdir(parents=True, exist_ok=True)
+    os.environ.update({"CXR_HOME": str(home), "CXR_PROJECT_ROOT": str(project), "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "DO_NOT_TRACK": "1", "CXR_CHAMPION_POLL_SECONDS": "5"})
+    for k in ("MLFLOW_TRACKING_URI", "CXR_DATABASE_URL"):
+        os.environ.pop(k, None)
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
+
+
+def _ensure_users() -> str:
+    from compliance.users import UserError, create_user, issue_token
+
+    for name, role in (("bench-clin", "clinician"), ("bench-res", "researcher"), ("bench-appr", "approver")):
+        try:
+            create_user(name, role, PASSWORD, actor="benchmark")
+        except UserError:
+            pass
+    return issue_token("bench-clin", actor="benchmark")
+
+
+def _ensure_champion(home: Path) -> str:
+    from app.model_service import champion_version
+
+    v = champion_version()
+    if v:
+        return v
+    from compliance.approvals import approve_model_version
+    from models.train import train
+    from pipelines.ingest import import_dataset
+    from pipelines.synth import synthesize_cohort
+
+    print("no champion: bootstrapping a tiny model (synthetic 40 patients, small encoder, 64 px, 1 epoch)")
+    synthesize_cohort(40, home / "synth", seed=5, image_size=128)
+    import_dataset(home / "synth", "benchcohort", seed=5, actor="bench-res", track=False, quiet=True, workers=1)
+    res = train("benchcohort", epochs=1, image_size=64, encoder="small", batch_size=8, device="cpu", seed=5,
+                actor="bench-res", n_bootstrap=20, show_progress=False, num_workers=0)
+    approve_model_version(str(res["model_version"]), approver="bench-appr", password=PASSWORD,
+                          reason="benchmark champion", override_policy_reason="benchmark-only tiny model")
+    return str(res["model_version"])
+
+
+def _inputs() -> dict[str, bytes]:
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+    from dicom_factory import make_dicom
+    from pipelines.synth import _anatomy, render_chest
+
+    rng = np.random.default_rng(42)
+    img = render_chest(rng, 2048, 2048, "covid19", 0.6, _anatomy(rng))
+    stored = np.clip(img * 4095, 0, 4095).astype(np.uint16)
+    return {
+        "uncompressed": make_dicom(rows=2048, cols=2048, bits=12, pixels=stored, transfer_syntax=ExplicitVRLittleEndian),
+        "jpeg2000": make_dicom(rows=2048, cols=2048, bits=12, pixels=stored, transfer_syntax=JPEG2000Lossless),
+    }
+
+
+VITALS = {"temperature_c": 38.1, "spo2_percent": 93, "heart_rate_bpm": 98, "respiratory_rate": 22,
+          "systolic_bp_mmhg": 121, "age_years": 61, "sex": "M"}
+
+
+def _raw(version: str, inputs: dict[str, bytes], reps: int) -> dict[str, dict]:
+    from app.config import get_settings
+    from models.preprocessing import decode_dicom, parse_vitals, prepare_image
+    from models.registry import load_clinical_model
+
+    s = get_settings()
+    model = load_clinical_model(version)
+    vit = parse_vitals(VITALS, strict=True)
+    out = {}
+    for kind, data in inputs.items():
+        times, dec_times = [], []
+        model.predict([prepare_image(decode_dicom(data, max_pixels=s.max_image_pixels).pixels, 256)], [vit])  # warm
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            d = decode_dicom(data, max_pixels=s.max_image_pixels)
+            img = prepare_image(d.pixels, s.cache_image_size)
+            t1 = time.perf_counter()
+            model.predict([img], [vit])
+            t2 = time.perf_counter()
+            times.append(t2 - t0)
+            dec_times.append(t1 - t0)
+        out[kind] = {"p50_s": statistics.median(times), "decode_prepare_p50_s": statistics.median(dec_times),
+                     "forward_p50_s": statistics.median(times) - statistics.median(dec_times), "n": reps}
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = open(home / "bench-server.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app_factory", "--factory", "--host",
+                             "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+                            cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: see {home / 'bench-server.log'}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server not ready in 180 s")
+
+
+def _level(url: str, token: str, data: bytes, concurrency: int, n: int) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(_: int) -> None:
+        nonlocal errors
+        if not hasattr(local, "c"):
+            local.c = httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {token}"})
+        t0 = time.perf_counter()
+        r = local.c.post("/v1/predictions", files={"image": ("cxr.dcm", data, "application/dicom")},
+                         data={"vitals": json.dumps(VITALS), "site": "bench"})
+        dt = time.perf_counter() - t0
+        with lock:
+            if r.status_code == 200:
+                lat.append(dt)
+            else:
+                errors += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "n": n, "errors": errors, "p50_s": _pct(lat, 0.5), "p95_s": _pct(lat, 0.95),
+            "p99_s": _pct(lat, 0.99), "throughput_per_s": len(lat) / wall, "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--home", type=Path, default=None, help="CXR_HOME to use (default: a fresh temporary one)")
+    ap.add_argument("--requests", type=int, default=12, help="requests per concurrency level and input (>= level)")
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--raw-reps", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = ap.parse_args()
+    home = (args.home or Path(tempfile.mkdtemp(prefix="cxr-bench-"))).resolve()
+    _setup_env(home)
+
+    token = _ensure_users()
+    version = _ensure_champion(home)
+    inputs = _inputs()
+    sizes = {k: len(v) for k, v in inputs.items()}
+    print(f"champion v{version}; inputs: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
+
+    proc, url = _start_server(home)
+    try:
+        raw = _raw(version, inputs, args.raw_reps)  # same run, server idle
+        levels = [int(x) for x in args.levels.split(",")]
+        api: dict[str, list[dict]] = {k: [] for k in inputs}
+        for kind, data in inputs.items():
+            _level(url, token, data, 1, 2)  # warm the path
+            for c in levels:
+                api[kind].append(_level(url, token, data, c, max(args.requests, c)))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    import torch
+
+    result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+              "model_version": version, "input_bytes": sizes, "raw": raw, "api": api}
+    print(f"\n{'input':<13}{'conc':>5}{'n':>5}{'err':>5}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'req/s':>8}")
+    for kind, rows in api.items():
+        for r in rows:
+            print(f"{kind:<13}{r['concurrency']:>5}{r['n']:>5}{r['errors']:>5}{r['p50_s']:>9.3f}{r['p95_s']:>9.3f}"
+                  f"{r['p99_s']:>9.3f}{r['throughput_per_s']:>8.2f}")
+    print()
+    for kind, r in raw.items():
+        ratio = api[kind][0]["p50_s"] / r["p50_s"]
+        result.setdefault("overhead_ratio_c1", {})[kind] = ratio
+        print(f"{kind:<13} raw decode+forward p50 {r['p50_s']:.3f} s (decode+prepare {r['decode_prepare_p50_s']:.3f} s, "
+              f"forward {r['forward_p50_s']:.3f} s); API p50 at c=1 {api[kind][0]['p50_s']:.3f} s; "
+              f"overhead ratio {ratio:.2f} (goal <= 1.25)")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
