@@ -383,7 +383,7 @@ class DriftMonitor:
     """Rolling-window input drift against the reference statistics stored with a model.
 
     ``reference`` = ``{"vitals": {field: {"edges": [...], "fractions": [...]}},
-    "image_intensity": {"edges": [...], "fractions": [...], "statistic": "pixels"|"mean"},
+    "image_intensity": {"edges": [...], "fractions": [...], "statistic"|"unit": "pixels"|"pixel"|"mean"},
     "ood": {"threshold": float}}``. For each vitals field the last ``window`` non-missing values are
     kept; for the image, the last ``window`` images' intensity histograms (``statistic`` "pixels",
     the default: each image's normalised pixel histogram, images weighted equally; "mean": one value
@@ -407,7 +407,10 @@ class DriftMonitor:
         if reference.get(IMAGE_FEATURE):
             spec = reference[IMAGE_FEATURE]
             self._ref[IMAGE_FEATURE] = self._parse_spec(IMAGE_FEATURE, spec)
-            self.image_statistic = str(spec.get("statistic", "pixels"))
+            # "statistic" (this module) or "unit" (models/train.py writes "unit": "pixel")
+            stat = spec.get("statistic") or {"pixel": "pixels", "pixels": "pixels", "mean": "mean"}.get(
+                str(spec.get("unit", "pixel")), str(spec.get("unit")))
+            self.image_statistic = str(stat)
             if self.image_statistic not in ("pixels", "mean"):
                 raise ValueError(f"image_intensity.statistic must be 'pixels' or 'mean', got {self.image_statistic!r}")
         ood = reference.get("ood") or {}
