@@ -14,6 +14,7 @@ accession, no vitals). ``/healthz``, ``/readyz``, ``/metrics`` and the OpenAPI d
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.problems import ApiProblem
 
 log = logging.getLogger("cxr.api")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 # permission -> roles that hold it (admin holds all)
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -129,8 +131,8 @@ class RequestAuditMiddleware:
                 principal = scope.get("state", {}).get("principal")
                 details = {"method": method, "route": route, "status": code, "result": _result(code),
                            "ms": round(seconds * 1000, 1)}
-                pid = scope.get("path_params", {}).get("prediction_id")
-                if pid and route != "unmatched":
+                pid = str(scope.get("path_params", {}).get("prediction_id") or "")
+                if pid and _UUID.match(pid):
                     details["prediction_id"] = str(pid)[:64]
                 try:
                     await anyio.to_thread.run_sync(lambda: _audit(

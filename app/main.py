@@ -14,6 +14,8 @@ Research software, not a medical device. Layout:
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -56,6 +58,8 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     app.state.settings = settings
     app.state.model_service = svc
     app.state.input_cache = predictions.InputCache()
+    # at most this many uploads are decoded at once (each full-size decode holds ~100 MB at 2k x 2k)
+    app.state.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
     install_problem_handlers(app)
     for r in (predictions.router, outcomes.router, model.router, audit.router, health.router):
         app.include_router(r)

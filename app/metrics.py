@@ -374,6 +374,13 @@ def psi(expected_fractions: Iterable[float], observed_counts: Iterable[float], e
 def _bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Histogram over ``edges``; values outside the reference range count in the end bins (so a
     shift beyond the training range raises PSI instead of vanishing)."""
+    n_bins = len(edges) - 1
+    widths = np.diff(edges)
+    if values.size > 1000 and np.allclose(widths, widths[0], rtol=1e-9, atol=0):
+        # equal-width bins (image intensity): direct index, ~10x faster than np.histogram's search
+        index = np.floor((values - edges[0]) / widths[0]).astype(np.int64)
+        np.clip(index, 0, n_bins - 1, out=index)
+        return np.bincount(index, minlength=n_bins)[:n_bins].astype(float)
     clipped = np.clip(values, edges[0], edges[-1])
     counts, _ = np.histogram(clipped, bins=edges)
     return counts.astype(float)
@@ -452,8 +459,12 @@ class DriftMonitor:
                     if math.isfinite(v):
                         self._windows[field].append(v)
             if image is not None and IMAGE_FEATURE in self._ref:
-                pixels = np.asarray(image, dtype=float).ravel()
-                pixels = pixels[np.isfinite(pixels)]
+                pixels = np.asarray(image).ravel()
+                if not np.issubdtype(pixels.dtype, np.floating):
+                    pixels = pixels.astype(np.float32)
+                finite = np.isfinite(pixels)
+                if not finite.all():
+                    pixels = pixels[finite]
                 if pixels.size:
                     if self.image_statistic == "mean":
                         self._windows[IMAGE_FEATURE].append(float(pixels.mean()))

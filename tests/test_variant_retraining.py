@@ -199,9 +199,24 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
                   f"{t_champion:.0f} s), 2 shared CPU cores.", ""]
     text = "\n".join(lines)
     print(text)
+    _record_results(text)
+
+
+START, END = "<!-- variant-retraining:start -->", "<!-- variant-retraining:end -->"
+
+
+def _record_results(text: str) -> None:
+    """Write this test's section of benchmarks/RESULTS.md (replacing its previous run's; others untouched)."""
+    import re
+
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark and experiment results\n\nEach section is appended by the test or "
+        RESULTS.write_text("# Benchmark and experiment results\n\nEach section is written by the test or "
                            "benchmark that produced it.\n")
-    with RESULTS.open("a") as f:
-        f.write(text)
+    current = RESULTS.read_text()
+    section = f"{START}{text}\n{END}\n"
+    if START in current and END in current:
+        current = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n?", lambda _: section, current, flags=re.S)
+    else:
+        current = current.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(current)

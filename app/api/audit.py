@@ -63,7 +63,13 @@ def report(
         kwargs["actor"] = principal.name
     if "role" in params:
         kwargs["role"] = principal.role
-    written = export_report(start, end, format, out, **kwargs)
+    from compliance.reports import ReportError
+
+    try:
+        written = export_report(start, end, format, out, **kwargs)
+    except ReportError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ApiProblem(422, "report-refused", str(exc)) from None
     path = Path(written) if written else out
     return FileResponse(path, media_type=MEDIA[format], filename=path.name,
                         background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True))

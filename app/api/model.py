@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -31,6 +32,17 @@ def _registry_tags(name: str, version: str) -> tuple[tuple[str, str], ...]:
         return ()
 
 
+@functools.lru_cache(maxsize=8)
+def _governance_card(version: str) -> dict[str, Any] | None:
+    """The governance model card (``compliance.model_card``), cached per version; None if unavailable."""
+    try:
+        from compliance.model_card import build_model_card
+
+        return json.loads(json.dumps(build_model_card(version), default=str))
+    except Exception:
+        return None
+
+
 @router.get("/model", response_model=ModelInfo, responses=problem_doc(503))
 def get_model(request: Request, principal: Principal = Depends(require("model.read"))) -> ModelInfo:
     lm = service(request).current()
@@ -49,6 +61,7 @@ def get_model(request: Request, principal: Principal = Depends(require("model.re
                                                   "encoder", "image_size") if k in training},
         "network": config.get("network"),
         "registry": dict(_registry_tags(lm.name, lm.version)),
+        "model_card": _governance_card(lm.version),
         "limitations": ["trained on a small public collection; site and device shift expected",
                         "AP supine films, children and out-of-distribution inputs are flagged as warnings"],
     }

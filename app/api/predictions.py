@@ -186,11 +186,14 @@ def create_prediction(
 
     settings = request.app.state.settings
     parsed = _parse_vitals_text(vitals)
-    data = image.file.read(settings.max_upload_bytes + 1)
-    decoded = _decode(data, settings.max_image_pixels)
-    supine = is_supine(data)
-    del data
-    prepared = prepare_image(decoded.pixels, settings.cache_image_size)
+    with request.app.state.decode_slots:  # bounds the memory of concurrent full-size decodes
+        data = image.file.read(settings.max_upload_bytes + 1)
+        decoded = _decode(data, settings.max_image_pixels)
+        supine = is_supine(data)
+        del data
+        prepared = prepare_image(decoded.pixels, settings.cache_image_size)
+        view = getattr(decoded, "view", None)
+        decoded.pixels = None  # the full-size image is not needed any more
 
     lm = service(request).current()  # taken once: this request finishes with this model
     if lm is None:
@@ -208,8 +211,7 @@ def create_prediction(
         "ood_score": None if result.get("ood_score") is None else float(result["ood_score"]),
         "warnings": warnings, "vitals_present": {f: parsed.get(f) is not None for f in VITAL_FIELDS}
         | {"sex": parsed.get("sex") not in (None, "unknown")},
-        "view": ("AP Supine" if supine and getattr(decoded, "view", None) in (None, "AP") else
-                 getattr(decoded, "view", None)),
+        "view": "AP Supine" if supine and view in (None, "AP") else view,
     }
     pred = storage.save_prediction(row)  # committed durably before we answer
     record_event("prediction.served", actor=principal.name, role=principal.role, subject=f"prediction/{row['id']}",
