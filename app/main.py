@@ -26,7 +26,9 @@ log = logging.getLogger("cxr.api")
 
 
 def create_app(settings: Settings | None = None, *, model_service=None) -> FastAPI:
-    """Build the API. ``model_service`` defaults to a ``ModelService`` polling the ``champion`` alias."""
+    """Build the API. ``settings`` gives the limits (upload bytes, image pixels, cache size) and the
+    champion poll interval; state (database, MLflow) is located by ``get_settings()`` as everywhere
+    else. ``model_service`` defaults to a ``ModelService`` polling the ``champion`` alias."""
     from app.api import audit, health, model, outcomes, predictions
     from app.auth import RequestAuditMiddleware
     from app.model_service import ModelService

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-images", type=int, default=512)
     ap.add_argument("--workers", type=int, default=None, help="loader worker processes (default: GPU 8, CPU 0)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--augment", default="auto", choices=["auto", "cpu", "device"],
+                    help="cpu: MONAI per-sample transforms in the loader; device: batched on the device "
+                         "(auto: device on a GPU, cpu otherwise) — as models.train does")
     ap.add_argument("--rounds", type=int, default=3, help="alternating ceiling/end-to-end rounds (median)")
     args = ap.parse_args(argv)
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from models.network import FusionNet
     from models.train import build_loader, resolve_device, to_device, train_step
-    from models.transforms import N_VITALS_FEATURES, train_transforms
+    from models.transforms import N_VITALS_FEATURES, device_augment, eval_transforms, train_transforms
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     mods = ("image", "vitals")
+    augment = ("device" if cuda else "cpu") if args.augment == "auto" else args.augment
+    workers = args.workers if args.workers is not None else (0 if augment == "device" else None)
 
     def make_net():
         torch.manual_seed(0)
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def e2e_round(loader) -> float:
         net, opt = make_net()
+        gen = torch.Generator().manual_seed(0)
         step, t0, seen = 0, None, 0
         while step < total:
             for batch in loader:
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                     t0 = time.perf_counter()
                     seen = 0
                 im, vi, yy = to_device(batch, device, mods)
+                if augment == "device":
+                    im = device_augment(im, gen)
                 train_step(net, opt, im, vi, yy, weights, use_amp)
                 seen += len(yy)
                 step += 1
@@ -141,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         t_prep = time.perf_counter()
         items = (_dataset_items(args.dataset, N_VITALS_FEATURES) if args.dataset
                  else _synthetic_items(args.n_images, Path(tmp), N_VITALS_FEATURES))
-        _, loader = build_loader(items, train_transforms(S), batch_size=B, shuffle=True, device=device, seed=0,
-                                 drop_last=True, num_workers=args.workers)
+        tf = train_transforms(S) if augment == "cpu" else eval_transforms(S)
+        _, loader = build_loader(items, tf, batch_size=B, shuffle=True, device=device, seed=0,
+                                 drop_last=True, num_workers=workers)
         cache_s = time.perf_counter() - t_prep
         for _ in range(args.rounds):  # alternate, so background load hits both alike
             ceilings.append(ceiling_round())
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "encoder": args.encoder,
             "image_size": S, "batch_size": B, "steps": args.steps, "bf16_autocast": use_amp, "channels_last": cuda,
-            "loader_workers": args.workers if args.workers is not None else (min(8, os.cpu_count() or 2) if cuda else 0),
+            "augmentation": augment,
+            "loader_workers": workers if workers is not None else (min(8, os.cpu_count() or 2) if cuda else 0),
             "n_items": len(items), "cache_seconds": round(cache_s, 2),
             "ceiling_images_per_s": round(ceiling, 2), "end_to_end_images_per_s": round(e2e, 2),
             "ratio": round(e2e / ceiling, 3), "rounds": args.rounds,

@@ -224,7 +224,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
           batch_size: int = 16, target_sensitivity: float = 0.90, actor: str | None = None,
           resume: bool = False, lr: float | None = None, weight_decay: float = 1e-4, patience: int = 5,
           n_bootstrap: int = 1000, deterministic: bool | None = None, num_workers: int | None = None,
-          external: Sequence[str] = (), show_progress: bool = True,
+          external: Sequence[str] = (), show_progress: bool = True, augment: str = "auto",
           on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
     """Train, evaluate, log and register; returns ``{"model_version", "run_id", "dataset_version",
     "dataset", "evaluation", "history", "checkpoint"}``. Raises ``TrainingError`` for bad input."""
@@ -235,10 +235,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     from app.config import acting_user, get_settings, git_commit
     from compliance.audit import record_event
     from models import registry
-    from models.evaluate import _json_default, choose_threshold, evaluate_predictions, fit_temperature, write_plots
     from models.network import FusionNet
-    from models.serving import (ClinicalModel, CovidCxrPyfunc, pyfunc_input_example, pyfunc_signature,
-                                save_package)
     from models.transforms import VitalsEncoder, eval_transforms, train_transforms
     from pipelines.datasets import DatasetNotFound, load_dataset
 
@@ -330,11 +327,20 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     elif resume:
         console.print(f"[yellow]no checkpoint for this configuration ({ckpt_path}); starting from scratch[/]")
 
-    train_tf, eval_tf = train_transforms(image_size), eval_transforms(image_size)
+    # augmentation: "cpu" = MONAI dictionary transforms per sample (deterministic CPU path);
+    # "device" = the same augmentation batched on the device (GPU default: the loader only collates
+    # cached tensors, so the GPU is not starved by per-image CPU work)
+    augment = ("device" if cuda else "cpu") if augment == "auto" else augment
+    if augment not in ("cpu", "device"):
+        raise TrainingError("augment must be auto, cpu or device")
+    train_tf = train_transforms(image_size) if augment == "cpu" else eval_transforms(image_size)
+    eval_tf = eval_transforms(image_size)
     drop_last = len(items["train"]) > batch_size
     t_cache = time.perf_counter()
     _, train_loader = build_loader(items["train"], train_tf, batch_size=batch_size, shuffle=True, device=device,
-                                   seed=seed, drop_last=drop_last, num_workers=num_workers)
+                                   seed=seed, drop_last=drop_last,
+                                   num_workers=num_workers if num_workers is not None else
+                                   (0 if augment == "device" else None))
     _, val_loader = build_loader(items["val"], eval_tf, batch_size=max(batch_size, 32), shuffle=False,
                                  device=device, seed=seed, num_workers=0)
     cache_seconds = time.perf_counter() - t_cache
@@ -358,7 +364,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     params = {"dataset": dataset_name, "epochs": epochs, "image_size": image_size, "device": device, "seed": seed,
               "encoder": encoder, "modalities": ",".join(modalities), "batch_size": batch_size, "lr": lr,
               "weight_decay": weight_decay, "patience": patience, "target_sensitivity": target_sensitivity,
-              "deterministic": deterministic, "bf16_autocast": use_amp, "channels_last": cuda,
+              "deterministic": deterministic, "bf16_autocast": use_amp, "augmentation": augment, "channels_last": cuda,
               "n_train": len(items["train"]), "n_val": len(items["val"]), "n_test": len(items["test"]),
               "n_unlabelled_excluded": n_unlabelled, "class_weights": json.dumps([round(x, 4) for x in cw]),
               "n_vitals_features": vitals_encoder.n_features, "n_bootstrap": n_bootstrap}
@@ -372,14 +378,17 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
                             if resumed_from is not None else {}),
                          **{f"system.{k}": str(v) for k, v in sysinfo.items()}})
         mlflow.log_dict(sysinfo, "system/system_info.json")
-    except Exception:
+        record_event("training.started", actor=actor, role=role, subject=f"dataset/{dataset_name}",
+                     details={"dataset": dataset_name, "dataset_version": dataset_version, "run_id": run_id,
+                              "encoder": encoder, "image_size": image_size, "epochs": epochs, "seed": seed,
+                              "modalities": list(modalities), "device": device, "resumed_after_epoch": resumed_from,
+                              "n_train": len(items["train"]), "n_val": len(items["val"]), "n_test": len(items["test"])})
+    except BaseException:
         mlflow.end_run(status="FAILED")
+        torch.use_deterministic_algorithms(prev_det)
+        torch.backends.cudnn.benchmark = prev_bench
+        torch.set_num_threads(prev_threads)
         raise
-    record_event("training.started", actor=actor, role=role, subject=f"dataset/{dataset_name}",
-                 details={"dataset": dataset_name, "dataset_version": dataset_version, "run_id": run_id,
-                          "encoder": encoder, "image_size": image_size, "epochs": epochs, "seed": seed,
-                          "modalities": list(modalities), "device": device, "resumed_after_epoch": resumed_from,
-                          "n_train": len(items["train"]), "n_val": len(items["val"]), "n_test": len(items["test"])})
     try:
         result = _fit_and_package(**locals())
         mlflow.end_run(status="FINISHED")
@@ -400,7 +409,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                      modalities, class_weights, use_amp, ckpt_dir, ckpt_path, console, show_progress,
                      on_epoch_end, splits, ds, vitals_encoder, encoder, image_size, dataset_name, dataset_version,
                      target_sensitivity, n_bootstrap, actor, role, run_id, commit, fingerprint, external,
-                     cache_seconds, warnings, params, **_unused) -> dict:
+                     cache_seconds, warnings, params, augment, **_unused) -> dict:
     import mlflow
     import torch
     import torch.nn.functional as F
@@ -412,6 +421,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     from models.evaluate import _json_default, choose_threshold, evaluate_predictions, fit_temperature, write_plots
     from models.serving import (ClinicalModel, CovidCxrPyfunc, pyfunc_input_example, pyfunc_signature,
                                 save_package)
+    from models.transforms import device_augment
 
     settings = get_settings()
     mlflow.log_metric("cache_seconds", cache_seconds)
@@ -426,14 +436,18 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
             # randomness of an epoch = f(seed, epoch): a resumed run repeats an uninterrupted one
             ep_seed = seed * 1009 + epoch
             _seed_all(ep_seed)
-            train_tf.set_random_state(seed=ep_seed % (2**32))
+            if hasattr(train_tf, "set_random_state"):
+                train_tf.set_random_state(seed=ep_seed % (2**32))
             train_loader.generator.manual_seed(ep_seed)
+            aug_gen = torch.Generator().manual_seed(ep_seed)
             net.train()
             task = progress.add_task("train", total=len(train_loader), epoch=f"{epoch}/{epochs}", info="")
             t0 = time.perf_counter()
             losses, n_seen = [], 0
             for batch in train_loader:
                 img, vit, y = to_device(batch, device, modalities)
+                if augment == "device" and img is not None:
+                    img = device_augment(img, aug_gen)
                 losses.append(train_step(net, opt, img, vit, y, class_weights, use_amp))
                 n_seen += len(y)
                 progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
@@ -539,12 +553,11 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     if work.exists():
         shutil.rmtree(work)
     pkg = save_package(work / "package", cpu_net.state_dict(), config)
-    import torch as _t
 
     info = mlflow.pyfunc.log_model(
         name="model", python_model=CovidCxrPyfunc(), artifacts={"model_dir": str(pkg)},
         signature=pyfunc_signature(), input_example=pyfunc_input_example(settings.cache_image_size),
-        pip_requirements=[f"torch=={_t.__version__.split('+')[0]}", f"monai=={_monai_version()}",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={_monai_version()}",
                           f"mlflow=={mlflow.__version__}", "numpy", "pandas", "covid-cxr"],
         metadata={"dataset_version": dataset_version, "git_commit": commit})
     version = registry.register_version(

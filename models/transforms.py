@@ -179,3 +179,40 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
         _resize_cache[size] = eval_transforms(size)
     out = _resize_cache[size]({"image": image, "vitals": np.zeros(1, dtype=np.float32)})["image"]
     return np.asarray(out, dtype=np.float32)
+
+
+def device_augment(img, generator=None, *, p_affine: float = 0.7, rotate_deg: float = 10.0, scale: float = 0.1,
+                   shift: float = 0.06, p_gamma: float = 0.3, gamma: tuple[float, float] = (0.8, 1.25),
+                   p_noise: float = 0.2, noise_std: float = 0.02):
+    """Batched, on-device equivalent of ``train_transforms``' random part, for the GPU path.
+
+    (B, 1, S, S) tensor in [0, 1] → augmented batch: random affine (±``rotate_deg``, ±``scale``,
+    ±``shift`` of the side) with probability ``p_affine``, gamma contrast with ``p_gamma``, Gaussian
+    noise with ``p_noise``, clipped to [0, 1]. Per-sample parameters are drawn on the CPU from
+    ``generator`` (tiny), so the GPU never waits for per-image CPU work and the loader only collates
+    cached tensors.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, dev = img.shape[0], img.device
+    u = torch.rand(b, 8, generator=generator)
+    do_aff = (u[:, 0] < p_affine).float()
+    ang = (u[:, 1] * 2 - 1) * math.radians(rotate_deg) * do_aff
+    sx = 1 + (u[:, 2] * 2 - 1) * scale * do_aff
+    sy = 1 + (u[:, 3] * 2 - 1) * scale * do_aff
+    tx = (u[:, 4] * 2 - 1) * shift * 2 * do_aff
+    ty = (u[:, 5] * 2 - 1) * shift * 2 * do_aff
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos / sx, -sin / sx, tx], 1), torch.stack([sin / sy, cos / sy, ty], 1)], 1)
+    x = img.float()
+    grid = F.affine_grid(theta.to(dev), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    g = torch.where(u[:, 6] < p_gamma, gamma[0] + (u[:, 7]) * (gamma[1] - gamma[0]), torch.ones(b)).to(dev)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    rng = (x.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-7)
+    x = ((x - lo) / rng).pow(g.view(b, 1, 1, 1)) * rng + lo
+    noise_on = (torch.rand(b, generator=generator) < p_noise).float().to(dev).view(b, 1, 1, 1)
+    x = x + noise_on * noise_std * torch.randn_like(x)
+    x = x.clamp(0.0, 1.0)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x

@@ -132,13 +132,16 @@ def _print_summary(state: dict) -> None:
               f"training run {state.get('training_run_id')}")
     headline = (state.get("comparison") or {}).get("headline") or {}
     if headline:
-        t = Table(title=f"sensitivity (COVID-19) — champion v{state['comparison'].get('champion_version')} "
+        champ = state["comparison"].get("champion_version")
+        t = Table(title=f"sensitivity (COVID-19) — {'champion v' + str(champ) if champ else 'no champion yet'} "
                         f"vs challenger v{state.get('model_version')}")
         for col in ["test set / group", "champion", "challenger", "difference"]:
             t.add_column(col)
         for k, v in headline.items():
             t.add_row(k, *[_fmt(v.get(c)) for c in ("champion", "challenger", "difference")])
         con.print(t)
+    con.print("comparison, evaluations, lineage, policy: MLflow experiment 'covid-cxr-pipelines', "
+              f"run {state.get('pipeline_run_id')} (comparison/comparison.md)")
     con.print(f"policy check passed: {state.get('policy_passed')}")
     con.print(f"next: {state.get('next_step')}")
 
@@ -350,9 +353,24 @@ def _cleanup_dataset(alias: str) -> None:
     (data / f"{alias}.dvc").unlink(missing_ok=True)
 
 
+def compare_metrics(recorded: dict | None, reproduced: dict | None, tolerance: float) -> tuple[list[dict], bool]:
+    """Per metric: recorded, reproduced, difference, within ``tolerance``; and whether all are within."""
+    rows = []
+    ok = True
+    for m in REPRODUCE_METRICS:
+        old, new = _metric_value(recorded, m), _metric_value(reproduced, m)
+        diff = None if old is None or new is None else new - old
+        within = (old is None and new is None) or (diff is not None and abs(diff) <= tolerance)
+        ok &= within
+        rows.append({"metric": m, "recorded": old, "reproduced": new, "difference": diff, "within": within})
+    return rows, ok
+
+
 def reproduce_run(run_id: str, *, tolerance: float = 0.02, actor: str | None = None,
                   keep_data: bool = False) -> dict:
     """Re-train from ``run_id``'s lineage; compare metrics. Returns the comparison (``within_tolerance``)."""
+    if tolerance < 0:
+        raise ReproduceError("--tolerance must be ≥ 0")
     from app.config import acting_user, get_settings, git_commit
     from compliance.audit import record_event
     from models.train import train
@@ -383,16 +401,7 @@ def reproduce_run(run_id: str, *, tolerance: float = 0.02, actor: str | None = N
             _cleanup_dataset(dataset)
     client = _client()
     new_eval = result.get("evaluation") or _download_json(client, result["run_id"], "evaluation/evaluation.json")
-    rows = []
-    ok = True
-    for m in REPRODUCE_METRICS:
-        old, new = _metric_value(lin["evaluation"], m), _metric_value(new_eval, m)
-        diff = None if old is None or new is None else new - old
-        within = diff is not None and abs(diff) <= tolerance
-        if old is None and new is None:
-            within = True
-        ok &= within
-        rows.append({"metric": m, "recorded": old, "reproduced": new, "difference": diff, "within": within})
+    rows, ok = compare_metrics(lin["evaluation"], new_eval, tolerance)
     lineage = {"reproduction_of": lin["run_id"], "dataset_name": lin["dataset_name"],
                "dataset_version": lin["dataset_version"], "git_commit": current,
                "parameters": lin["parameters"], "seed": lin.get("seed"), "environment": env_now}

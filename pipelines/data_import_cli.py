@@ -32,7 +32,7 @@ def register_data_commands(data_app: typer.Typer) -> None:
         tag: str | None = typer.Option(None, "--tag", help="variant tag stored on every row"),
         force: bool = typer.Option(False, "--force", help="replace an existing dataset of that name"),
         no_dvc: bool = typer.Option(False, "--no-dvc", help="do not dvc add/push (not recommended)"),
-        workers: int | None = typer.Option(None, "--workers", help="decode processes (default: 1 on a 2-core machine, else up to 4; env CXR_INGEST_WORKERS)"),
+        workers: int | None = typer.Option(None, "--workers", help="decode processes (default 2, or CXR_INGEST_WORKERS)"),
         as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
     ) -> None:
         """Validate, de-identify, dedupe, label and split SOURCE into data/NAME, then DVC-track it."""

@@ -3,11 +3,16 @@
 One linear graph runs in two places:
 
 * **On a Kubeflow cluster** (``cxr pipeline submit --host URL``): every component runs in the container
-  image ``covid-cxr:latest`` built from the repository's ``Dockerfile`` (the project and its pinned
-  dependencies installed; no ``pip install`` at run time, so clusters without internet work —
-  kubeflow/pipelines #6738). The training task asks for one ``nvidia.com/gpu`` plus CPU/memory
-  requests; every task reaches MLflow and the DVC remote through the ``CXR_*`` / ``MLFLOW_*``
-  environment of the cluster's pipeline runner.
+  image ``covid-cxr:latest`` built from the repository's ``Dockerfile`` (the project, its ``data/*.dvc``
+  files and its pinned dependencies installed; no ``pip install`` at run time, so clusters without
+  internet work — kubeflow/pipelines #6738). Push the image to a registry the cluster can pull from
+  (and retag it there, or edit ``BASE_IMAGE`` and recompile). The training task asks for one
+  ``nvidia.com/gpu`` plus CPU/memory requests and uses CUDA when the node has it. Each task is a fresh
+  pod: it fetches the dataset version with ``dvc pull`` and talks to a shared MLflow server, so the
+  pods need ``CXR_MLFLOW_TRACKING_URI`` (or ``MLFLOW_TRACKING_URI``), the DVC remote and its
+  credentials (``AWS_*`` for S3/MinIO) and ``CXR_DATABASE_URL`` (the audit trail) in their
+  environment — set them in the image or with a Kubeflow ``PodDefault`` for the profile; they are
+  deliberately not compiled into the YAML (no secrets in the pipeline spec).
 * **Locally** (``cxr pipeline run --local``): kfp's ``SubprocessRunner(use_venv=False)`` runs each
   lightweight component with the current interpreter, where the project is installed (editable),
   fully offline. The local runner ignores resource requests and supports no ``dsl.If``/

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -130,6 +129,21 @@ def _audit(action: str, *, actor: str, subject: str, details: dict, role: str | 
                  details=json.loads(json.dumps(details, default=_json_default)))
 
 
+def ensure_dataset_present(name: str) -> None:
+    """On a cluster each task is a fresh pod: fetch ``data/NAME`` at the version its ``.dvc`` file names.
+
+    Locally the dataset is already in the working tree and this does nothing.
+    """
+    from app.config import get_settings
+
+    data = get_settings().data_dir
+    if (data / name / "manifest.parquet").exists() or not (data / f"{name}.dvc").exists():
+        return
+    from pipelines.dvc_store import pull_dataset
+
+    pull_dataset(name)
+
+
 def _model_subject(version: str) -> str:
     from app.config import get_settings
 
@@ -247,6 +261,7 @@ def step_validate(dataset_name: str, external_datasets: str, params: str) -> str
         versions = {}
         for i, name in enumerate([dataset_name, *externals]):
             try:
+                ensure_dataset_present(name)
                 ds = load_dataset(name)
             except Exception as exc:  # noqa: BLE001 - reported as a validation problem
                 problems.append(f"dataset '{name}' cannot be loaded: {exc}")
@@ -350,6 +365,7 @@ def step_train(state_json: str) -> str:
     p = state["params"]
     try:
         client = _client()
+        ensure_dataset_present(state["dataset_name"])
         kwargs = _train_kwargs(p)
         state["train_kwargs"] = kwargs
         client.set_tag(state["pipeline_run_id"], "device", kwargs.get("device", "cpu"))
@@ -397,9 +413,6 @@ def _evaluate_version(version: str, dataset: str, *, split: str | None, seed: in
 
 
 def step_evaluate(state_json: str) -> str:
-    from pipelines.datasets import load_dataset
-    from pipelines.variant import evaluate_predictions, predict_dataset
-
     state = json.loads(state_json)
     p = state["params"]
     try:
@@ -411,18 +424,11 @@ def step_evaluate(state_json: str) -> str:
         test_sets = [(state["dataset_name"], "test")] + [(n, None) for n in state["external_datasets"]]
         for name, split in test_sets:
             key = name if split is None else f"{name}:{split}"
-            try:
-                evaluation = _evaluate_version(version, name, split=split, seed=p["seed"],
-                                               n_bootstrap=p["n_bootstrap"], actor=p.get("actor", "pipeline"),
-                                               internal=split is not None)
-                evaluation = json.loads(json.dumps(evaluation, default=_json_default))
-                source = "models.evaluate"
-            except Exception as exc:  # noqa: BLE001 - fall back to this module's evaluation
-                print(f"models.evaluate unavailable for {key} ({exc}); using pipelines.variant", file=sys.stderr)
-                ds = load_dataset(name)
-                preds = predict_dataset(version, ds, split=split)
-                evaluation = evaluate_predictions(preds, n_bootstrap=p["n_bootstrap"], seed=p["seed"])
-                source = "pipelines.variant"
+            ensure_dataset_present(name)
+            evaluation = _evaluate_version(version, name, split=split, seed=p["seed"],
+                                           n_bootstrap=p["n_bootstrap"], actor=p.get("actor", "pipeline"),
+                                           internal=split is not None)
+            evaluation = json.loads(json.dumps(evaluation, default=_json_default))
             evaluations[key] = evaluation
             cvr = evaluation.get("covid19_vs_rest", {})
             summary[key] = {m: cvr.get(m) for m in ["auroc", "sensitivity", "specificity", "ppv", "npv"]}
@@ -432,7 +438,6 @@ def step_evaluate(state_json: str) -> str:
                 v = (cvr.get(m) or {}).get("value") if isinstance(cvr.get(m), dict) else cvr.get(m)
                 if isinstance(v, (int, float)):
                     client.log_metric(run_id, f"{safe}.{m}", float(v))
-            state.setdefault("evaluation_source", {})[key] = source
         log_json(client, state["training_run_id"], evaluations, "pipeline/evaluations.json")
         state["evaluation_summary"] = summary
         return _dumps(state)
@@ -450,6 +455,8 @@ def step_compare(state_json: str) -> str:
         client = _client()
         run_id = state["pipeline_run_id"]
         test_sets = [(state["dataset_name"], "test")] + [(n, None) for n in state["external_datasets"]]
+        for name, _ in test_sets:
+            ensure_dataset_present(name)
         report = compare_champion_challenger(state["model_version"], test_sets, champion="champion",
                                              n_bootstrap=p["n_bootstrap"], seed=p["seed"])
         report["pipeline_run_id"] = run_id

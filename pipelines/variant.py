@@ -14,7 +14,7 @@ challenger's training run.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,27 +116,6 @@ def _ci(values: list[float | None], alpha: float = 0.05) -> tuple[float | None, 
 def _with_ci(value, samples) -> dict:
     lo, hi = _ci(samples)
     return {"value": value, "ci_low": lo, "ci_high": hi}
-
-
-def evaluate_predictions(preds: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0,
-                         by: Iterable[str] = ("variant", "site")) -> dict:
-    """An evaluation dict (``covid19_vs_rest.{metric}.{value,ci_low,ci_high}`` + subgroups)."""
-    def block(df: pd.DataFrame, s: int) -> dict:
-        y, p, pos = df["y"].to_numpy(), df["p_covid19"].to_numpy(), df["positive"].to_numpy()
-        point = point_metrics(y, p, pos)
-        boots = [point_metrics(y[idx], p[idx], pos[idx]) for idx in
-                 _patient_resamples(df["patient_id"].to_numpy(), n_bootstrap, s)]
-        return {"covid19_vs_rest": {m: _with_ci(point[m], [b[m] for b in boots]) for m in METRICS},
-                "n_images": int(len(df)), "n_patients": int(df["patient_id"].nunique()),
-                "n_covid19": int(df["y"].sum())}
-
-    out = block(preds, seed)
-    out["subgroups"] = {}
-    for col in by:
-        if col in preds:
-            out["subgroups"][col] = {str(k): block(g, seed) for k, g in preds.groupby(col, sort=True)}
-    out["ci_method"] = f"patient-level bootstrap, {n_bootstrap} resamples, 95% percentile interval"
-    return out
 
 
 def compare_predictions(champ: pd.DataFrame | None, chall: pd.DataFrame, *, n_bootstrap: int = 1000,

@@ -33,7 +33,7 @@ ENV_KEYS = ("CXR_HOME", "CXR_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "CXR_DATABASE
 class ApiEnv:
     home: Path
     project: Path
-    version: str  # the champion trained for the session
+    version: str  # the current champion (updated by ``new_champion``)
     tokens: dict[str, str]  # role -> bearer token
     users: dict[str, str] = field(default_factory=lambda: dict(USERS))
     password: str = PASSWORD
@@ -67,8 +67,9 @@ class ApiEnv:
                                     tags={**tags, "status": "candidate"})
         approve_model_version(str(mv.version), approver=USERS["approver"], password=PASSWORD, reason=reason,
                               override_policy_reason="tiny CI model: the release policy cannot pass on 40 patients")
-        self.extra_versions.append(str(mv.version))
-        return str(mv.version)
+        self.extra_versions.append(self.version)
+        self.version = str(mv.version)
+        return self.version
 
 
 def _reset() -> None:

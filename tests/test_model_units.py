@@ -180,3 +180,17 @@ def test_gpu_training_step_bf16_channels_last():
     y = torch.randint(0, 3, (8,), device="cuda")
     loss = train_step(net, opt, img, vit, y, torch.ones(3, device="cuda"), use_amp=True)
     assert np.isfinite(loss)
+
+
+def test_device_augment_matches_contract():
+    import torch
+
+    from models.transforms import device_augment
+
+    x = torch.rand(6, 1, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    y = device_augment(x, g)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert not torch.allclose(x, y)
+    same = device_augment(x, torch.Generator().manual_seed(0), p_affine=0, p_gamma=0, p_noise=0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)  # identity when nothing is drawn

@@ -98,3 +98,26 @@ def test_run_without_local_or_with_a_missing_dataset_fails_clearly(cxr_env: Path
     res = CliRunner().invoke(root, ["pipeline", "run", "--local", "--dataset", "nope"])
     assert res.exit_code == 1 and "pipeline run failed" in res.output
     assert "Traceback" not in res.output.split("pipeline run failed")[-1]
+
+
+def test_reproduce_comparison_flags_metrics_outside_the_tolerance() -> None:
+    from pipelines.cli import compare_metrics
+
+    recorded = {"covid19_vs_rest": {"auroc": {"value": 0.80}, "sensitivity": {"value": 0.90},
+                                    "specificity": {"value": 0.70}}}
+    same = {"auroc": {"value": 0.81}, "sensitivity": {"value": 0.90}, "specificity": {"value": 0.69}}  # train() summary
+    rows, ok = compare_metrics(recorded, same, 0.02)
+    assert ok and [r["within"] for r in rows] == [True, True, True]
+    drifted = {"covid19_vs_rest": {"auroc": {"value": 0.80}, "sensitivity": {"value": 0.85},
+                                   "specificity": {"value": 0.70}}}
+    rows, ok = compare_metrics(recorded, drifted, 0.02)
+    assert not ok and [r["metric"] for r in rows if not r["within"]] == ["sensitivity"]
+    rows, ok = compare_metrics(recorded, {}, 0.02)  # a metric that disappeared is not reproduced
+    assert not ok
+
+
+def test_reproduce_unknown_run_fails_clearly(cxr_env: Path) -> None:
+    from app.cli import root
+
+    res = CliRunner().invoke(root, ["reproduce", "0123456789abcdef0123456789abcdef"])
+    assert res.exit_code == 1 and "not found" in res.output and "Traceback" not in res.output

@@ -170,7 +170,10 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
     int_base = internal["variant=base"]
     lines = [
         "",
-        f"## Variant retraining story (tests/test_variant_retraining.py) — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        HEADING,
+        "",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: CPU only (2 shared cores); "
+        "command: `pytest -m slow tests/test_variant_retraining.py -s`",
         "",
         f"Synthetic cohort: base {BASE_PATIENTS} patients; `--variant {VARIANT}` batch {VARIANT_PATIENTS} patients "
         f"added with `cxr data add-batch`; external held-out `{VARIANT}` cohort {EXTERNAL_PATIENTS} patients. "
@@ -202,11 +205,12 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
     _record_results(text)
 
 
-START, END = "<!-- variant-retraining:start -->", "<!-- variant-retraining:end -->"
+HEADING = "## Variant retraining story (tests/test_variant_retraining.py)"
 
 
 def _record_results(text: str) -> None:
-    """Write this test's section of benchmarks/RESULTS.md (replacing its previous run's; others untouched)."""
+    """Write this test's section of benchmarks/RESULTS.md: replace its previous run's (found by its heading,
+    up to the next ``## `` heading), leave the other sections alone; create the file with a header if absent."""
     import re
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -214,9 +218,10 @@ def _record_results(text: str) -> None:
         RESULTS.write_text("# Benchmark and experiment results\n\nEach section is written by the test or "
                            "benchmark that produced it.\n")
     current = RESULTS.read_text()
-    section = f"{START}{text}\n{END}\n"
-    if START in current and END in current:
-        current = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n?", lambda _: section, current, flags=re.S)
+    section = text.strip("\n") + "\n"
+    pattern = re.compile(r"^" + re.escape(HEADING) + r".*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(current):
+        current = pattern.sub(lambda _: section + "\n", current, count=1).rstrip("\n") + "\n"
     else:
         current = current.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(current)
