@@ -81,7 +81,8 @@ def train_cmd(
                   f"threshold {ev['threshold']:.3f}:")
     for k in ("auroc", "sensitivity", "specificity", "ppv", "npv"):
         console.print(f"  {k:<12} {fmt(ev[k])}")
-    console.print(f"  temperature {ev['temperature']:.3f}; ECE {ev['ece_before']} → {ev['ece_after']}")
+    ece = " → ".join("n/a" if e is None else f"{e:.3f}" for e in (ev["ece_before"], ev["ece_after"]))
+    console.print(f"  temperature {ev['temperature']:.3f}; ECE (top-label) {ece}")
     for w in result["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
     typer.echo(f"registered {result['model_name']} version {result['model_version']} "

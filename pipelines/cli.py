@@ -161,8 +161,20 @@ class SubmitError(RuntimeError):
     pass
 
 
+def with_image(package: Path, image: str, out: Path) -> Path:
+    """A copy of a compiled pipeline whose tasks all run ``image`` (e.g. ``registry.example/covid-cxr:0.1.0-gpu``)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(package).read_text())
+    for executor in spec["deploymentSpec"]["executors"].values():
+        executor["container"]["image"] = image
+    out.write_text(yaml.safe_dump(spec, sort_keys=True))
+    return out
+
+
 def submit_pipeline(host: str, *, experiment: str, arguments: dict, run_name: str | None = None,
-                    package: Path | None = None, namespace: str | None = None, timeout: float = 5.0) -> dict:
+                    package: Path | None = None, namespace: str | None = None, timeout: float = 5.0,
+                    image: str | None = None) -> dict:
     """Submit the (freshly compiled) pipeline to a Kubeflow Pipelines endpoint. Raises SubmitError."""
     import httpx
 
@@ -186,10 +198,12 @@ def submit_pipeline(host: str, *, experiment: str, arguments: dict, run_name: st
                           "not a Kubeflow Pipelines v2 API endpoint?")
     import kfp
 
-    from pipelines.kfp_pipeline import compile_pipeline
+    from pipelines.kfp_pipeline import BASE_IMAGE, compile_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         path = package or compile_pipeline(Path(tmp) / "covid_cxr_training.yaml")
+        if image:
+            path = with_image(path, image, Path(tmp) / "covid_cxr_training.image.yaml")
         try:
             client = kfp.Client(host=host, namespace=namespace or "kubeflow")
             run = client.create_run_from_pipeline_package(
@@ -200,7 +214,7 @@ def submit_pipeline(host: str, *, experiment: str, arguments: dict, run_name: st
                               f"{type(exc).__name__}: {str(exc).strip()[:500]}") from exc
     run_id = getattr(run, "run_id", None)
     return {"run_id": run_id, "experiment": experiment, "host": host,
-            "url": f"{host}/#/runs/details/{run_id}", "image": "covid-cxr:latest"}
+            "url": f"{host}/#/runs/details/{run_id}", "image": image or BASE_IMAGE}
 
 
 @pipeline_app.command("submit")
@@ -218,6 +232,8 @@ def submit_cmd(
     seed: int = typer.Option(42, "--seed"),
     as_user: Optional[str] = typer.Option(None, "--as"),
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the endpoint."),
+    image: Optional[str] = typer.Option(None, "--image", help="Container image for every task (default "
+                                        "covid-cxr:latest), e.g. your registry's GPU build of the Dockerfile."),
 ) -> None:
     """Submit the compiled pipeline to a Kubeflow cluster (image covid-cxr:latest, GPU for training)."""
     from app.config import acting_user
@@ -227,7 +243,7 @@ def submit_cmd(
             "actor": acting_user(as_user)}
     try:
         out = submit_pipeline(host, experiment=experiment, arguments=args, run_name=run_name,
-                              namespace=namespace, timeout=timeout)
+                              namespace=namespace, timeout=timeout, image=image)
     except SubmitError as exc:
         _die(str(exc))
         return
@@ -434,6 +450,9 @@ def reproduce_cmd(
         out = reproduce_run(run_id, tolerance=tolerance, actor=as_user, keep_data=keep_data)
     except ReproduceError as exc:
         _die(str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - e.g. training refused its input: one clear line
+        _die(f"reproduction of {run_id} failed: {type(exc).__name__}: {exc}")
         return
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))

@@ -3,10 +3,13 @@
 One linear graph runs in two places:
 
 * **On a Kubeflow cluster** (``cxr pipeline submit --host URL``): every component runs in the container
-  image ``covid-cxr:latest`` built from the repository's ``Dockerfile`` (the project, its ``data/*.dvc``
-  files and its pinned dependencies installed; no ``pip install`` at run time, so clusters without
-  internet work — kubeflow/pipelines #6738). Push the image to a registry the cluster can pull from
-  (and retag it there, or edit ``BASE_IMAGE`` and recompile). The training task asks for one
+  image ``covid-cxr:latest`` built from the repository's ``Dockerfile`` (the project and its pinned
+  dependencies installed; no ``pip install`` at run time, so clusters without internet work —
+  kubeflow/pipelines #6738; build it with the CUDA ``TORCH_INDEX`` for GPU nodes). Push it to a
+  registry the cluster can pull from and pass ``cxr pipeline submit --image REF`` (every task then
+  runs REF; the committed YAML keeps the default). The image holds no ``data/`` (``.dockerignore``):
+  the pods need ``CXR_PROJECT_ROOT`` pointing at a checkout of the repository with ``data/*.dvc`` and
+  ``.dvc/config`` (a volume or a git-sync init container). The training task asks for one
   ``nvidia.com/gpu`` plus CPU/memory requests and uses CUDA when the node has it. Each task is a fresh
   pod: it fetches the dataset version with ``dvc pull`` and talks to a shared MLflow server, so the
   pods need ``CXR_MLFLOW_TRACKING_URI`` (or ``MLFLOW_TRACKING_URI``), the DVC remote and its

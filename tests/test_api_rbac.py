@@ -87,5 +87,7 @@ def test_open_routes_and_denials_audited(ctx, api_env):  # noqa: F811
     requests = list_events(action="api.request")
     assert any(e["details"]["status"] == 403 and e["details"]["result"] == "denied" for e in requests)
     assert any(e["actor"] == "anonymous" and e["details"]["status"] == 401 for e in requests)
+    assert any(e["actor"] == api_env.users["clinician"] and e["role"] == "clinician" and e["details"]["status"] == 200
+               and e["details"]["route"] == "/v1/predictions" for e in requests)
     assert "cxr_forged" not in json.dumps(list_events())
     assert verify_chain().ok

@@ -111,3 +111,16 @@ def test_submit_sends_the_compiled_pipeline_with_gpu_request(cxr_env, fake_clust
     assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
     experiments = [b for m, p, b in received if m == "POST" and p.startswith("/apis/v2beta1/experiments")]
     assert experiments and experiments[0]["display_name"] == "variant-retraining"
+
+
+def test_submit_can_point_every_task_at_another_image(cxr_env, fake_cluster, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    url, received = fake_cluster
+    image = "registry.example.org/covid-cxr:0.1.0-gpu"
+    res = CliRunner().invoke(root, ["pipeline", "submit", "--host", url, "--image", image])
+    assert res.exit_code == 0, res.output
+    run = [b for m, p, b in received if m == "POST" and p.startswith("/apis/v2beta1/runs")][0]
+    images = {e["container"]["image"] for e in run["pipeline_spec"]["deploymentSpec"]["executors"].values()}
+    assert images == {image}
+    train = run["pipeline_spec"]["deploymentSpec"]["executors"]["exec-train-model"]["container"]
+    assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
