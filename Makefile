@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 PYTEST_ARGS ?=
+# The 30 s, 16-client load test of the API runs in `make test` (tests/test_api_live.py).
+export CXR_LONG_TESTS ?= 1
 
 .PHONY: demo test venv system-deps clean compile-pipeline
 

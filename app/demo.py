@@ -90,8 +90,14 @@ class Demo:
             raise DemoFailed(f"`cxr {' '.join(args)}` exited {proc.returncode}:\n" + "\n".join(tail))
         return proc.stdout
 
-    def run_json(self, *args: str, user: str | None = None) -> dict:
-        out = self.run(*args, user=user)
+    def commit_data(self, message: str) -> None:
+        """Commit the DVC pointer files, as a researcher would: the dataset version gets a git commit."""
+        subprocess.run(["git", "add", "-A"], cwd=self.project, check=True, capture_output=True)
+        subprocess.run(["git", "commit", "-q", "-m", message, "--allow-empty"], cwd=self.project, check=True,
+                       capture_output=True)
+
+    def run_json(self, *args: str, user: str | None = None, check: bool = True) -> dict:
+        out = self.run(*args, user=user, check=check)
         start = out.find("{")
         if start < 0:
             raise DemoFailed(f"`cxr {' '.join(args)}` printed no JSON")
@@ -124,13 +130,23 @@ class Demo:
         self.step(f"synthetic cohort: {self.patients} patients, {n} DICOM files + vitals.csv in {cohort}")
         summary = self.run_json("data", "import", str(cohort), "--name", "demo", "--json", user="demo-researcher")
         self.results["import"] = summary
+        self.commit_data("dataset demo: first version")
         versions = self.run("data", "versions")
         self.step(f"imported as dataset 'demo': {summary.get('n_accepted', '?')} accepted, "
                   f"{summary.get('n_rejected', '?')} rejected (with reasons); DVC-versioned and pushed")
         self.results["versions"] = versions.strip()
+        external = self.workdir / "external-cohort"
+        self.run("data", "synth", "--patients", str(max(20, self.patients // 2)), "--out", str(external),
+                 "--seed", "9", "--image-size", "256")
+        ext = self.run_json("data", "import", str(external), "--name", "demo-external", "--json",
+                            user="demo-researcher")
+        self.commit_data("dataset demo-external")
+        self.step(f"external validation cohort imported as 'demo-external': {ext.get('n_accepted', '?')} images "
+                  f"(never used in training)")
 
     def pipeline(self, tag: str) -> dict:
-        state = self.run_json("pipeline", "run", "--local", "--dataset", "demo", "--epochs", str(self.epochs),
+        state = self.run_json("pipeline", "run", "--local", "--dataset", "demo", "--external", "demo-external",
+                              "--epochs", str(self.epochs),
                               "--image-size", str(self.image_size), "--encoder", self.encoder, "--json",
                               user="demo-researcher")
         return state
@@ -139,13 +155,15 @@ class Demo:
         state = self.pipeline("first")
         version = str(state.get("model_version") or state.get("challenger_version") or state.get("version"))
         self.results["first_version"] = version
-        ev = state.get("evaluation", {}).get("covid19_vs_rest", {}) if isinstance(state.get("evaluation"), dict) else {}
-        auroc = ev.get("auroc", {}).get("value") if ev else None
+        ev = (state.get("evaluation_summary") or {}).get("demo:test") or {}
+        auroc = (ev.get("auroc") or {}).get("value")
         self.step(f"Kubeflow pipeline ran locally (validate → train → evaluate → compare → register): "
                   f"candidate covid-cxr v{version}" + (f", test AUROC {auroc:.3f}" if auroc is not None else ""))
-        check = self.run("model", "check", version, check=False)
-        passed = "FAIL" not in check.upper()
-        self.step(f"release policy check for v{version}: {'all criteria pass' if passed else 'some criteria FAIL'}")
+        check = self.run_json("model", "check", version, "--json", check=False)  # exit 1 = policy fails
+        passed = bool(check.get("passed"))
+        failed = [c.get("id", "?") for c in check.get("criteria", []) if not c.get("passed")]
+        self.step(f"release policy {check.get('policy_version', '')} check for v{version}: "
+                  + ("all criteria pass" if passed else "FAILS " + ", ".join(failed)))
         args = ["model", "approve", version, "--reason", "Demo release: policy criteria reviewed", "--as",
                 "demo-approver", "--password-stdin"]
         if not passed:
@@ -256,6 +274,7 @@ class Demo:
         self.step(f"new variant batch 'omicron': {self.variant_patients} patients")
         self.results["variant_on_champion"] = self.predictions(vcohort, min(self.n_predictions, 30), "variant")
         self.run("data", "add-batch", str(vcohort), "--to", "demo", "--tag", "omicron", user="demo-researcher")
+        self.commit_data("dataset demo: omicron batch")
         self.step("variant batch added to dataset 'demo' → new DVC version (the old one stays retrievable)")
         state = self.pipeline("retrain")
         version = str(state.get("model_version") or state.get("challenger_version") or state.get("version"))
@@ -276,8 +295,10 @@ class Demo:
                      "--out", str(reports / f"compliance-report.{fmt}"), "--as", "demo-compliance")
         self.results["reports"] = [str(reports / "compliance-report.pdf"), str(reports / "compliance-report.json")]
         self.step(f"compliance report exported: {reports / 'compliance-report.pdf'} and .json")
-        out = self.run("audit", "verify")
-        self.step("audit chain verified: " + out.strip().splitlines()[-1] if out.strip() else "audit chain verified")
+        out = self.run("audit", "verify", "--json")
+        v = json.loads(out[out.find("{"):])
+        self.step(f"audit chain verified: {v.get('n_entries', '?')} entries intact, head hash "
+                  f"{str(v.get('head_hash', ''))[:16]}…")
 
     def stop(self) -> None:
         for proc in (self.server, self.prometheus):
@@ -307,21 +328,16 @@ class Demo:
 
 
 def _comparison_line(comparison: dict) -> str:
-    rows = comparison.get("rows") or comparison.get("comparisons") or []
+    """One line from the pipeline's headline table: COVID-19 sensitivity per test set, with 95 % CIs."""
     parts = []
-    for row in rows[:4]:
-        if not isinstance(row, dict):
+    for name, row in (comparison.get("headline") or {}).items():
+        try:
+            cp, ch = row["champion"], row["challenger"]
+            parts.append(f"{name}: sensitivity {cp['value']:.2f} [{cp['ci_low']:.2f}–{cp['ci_high']:.2f}] → "
+                         f"{ch['value']:.2f} [{ch['ci_low']:.2f}–{ch['ci_high']:.2f}]")
+        except (KeyError, TypeError, ValueError):
             continue
-        name = row.get("test_set") or row.get("dataset") or row.get("subset") or "?"
-        metric = row.get("metric", "sensitivity")
-        ch, cp = row.get("challenger"), row.get("champion")
-        if isinstance(ch, dict):
-            ch = ch.get("value")
-        if isinstance(cp, dict):
-            cp = cp.get("value")
-        if isinstance(ch, (int, float)) and isinstance(cp, (int, float)):
-            parts.append(f"{name} {metric}: champion {cp:.2f} → challenger {ch:.2f}")
-    return "; ".join(parts) if parts else "see the comparison report in MLflow (pipeline run artifacts)"
+    return "\n     ".join(parts) if parts else "see the comparison report in MLflow (pipeline run artifacts)"
 
 
 def run_demo(workdir: Path, *, patients: int = 80, variant_patients: int = 40, epochs: int = 4,

@@ -341,8 +341,9 @@ def operations_dashboard(t: dict[str, float]) -> dict[str, Any]:
         timeseries(L, "Requests per second by route and status", "All API requests by route template and status code.",
                    [(f"sum by (route, status) (rate(cxr_http_requests_total{{{JOB}}}[$__rate_interval]))", "{{route}} {{status}}")],
                    unit="reqps", minimum=0),
+        # "or vector(0)": an API that served requests without any 5xx shows 0 %, not "No data"
         timeseries(L, "5xx error ratio", f"Share of requests ending in a 5xx; alert above {t['error_ratio_max']}.",
-                   [(f'sum(rate(cxr_http_requests_total{{{JOB},status=~"5.."}}[$__rate_interval])) / '
+                   [(f'(sum(rate(cxr_http_requests_total{{{JOB},status=~"5.."}}[$__rate_interval])) or vector(0)) / '
                      f"sum(rate(cxr_http_requests_total{{{JOB}}}[$__rate_interval]))", "5xx ratio")],
                    unit="percentunit", line=t["error_ratio_max"], good_above=False, minimum=0),
         timeseries(L, "Latency p50 / p99 by route", f"Request latency quantiles; dashed line: p99 alert {t['latency_p99_max_s']} s.",

@@ -74,7 +74,7 @@ def load_dataset(name: str) -> Dataset:
     if not path.exists():
         raise DatasetNotFound(
             f"dataset {name!r} not found: no {path}. Import one with `cxr data import SOURCE --name {name}`"
-            " or fetch it with `dvc pull data/{name}.dvc`."
+            f" or fetch it with `dvc pull data/{name}.dvc`."
         )
     manifest = pd.read_parquet(path)
     return Dataset(name=name, root=root, manifest=manifest, version=dataset_version(name))

@@ -176,6 +176,22 @@ class PrometheusServer:
         """``{sorted label items: float value}`` for an instant query."""
         return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in self.query(promql)}
 
+    def query_range(self, promql: str, start: float, end: float, step: float = 1.0) -> list[dict[str, Any]]:
+        """Range query (what Grafana sends for a time series panel): ``[{"metric", "values"}, ...]``."""
+        data = self.api("query_range", {"query": promql, "start": start, "end": end, "step": step})
+        return data["result"]
+
+    def label_values(self, label: str, match: str | None = None) -> list[str]:
+        """Values of ``label`` (optionally only on series matching ``match``): Grafana's
+        ``label_values(match, label)`` template-variable query."""
+        params = {"match[]": match} if match else None
+        return sorted(self.api(f"label/{urllib.parse.quote(label)}/values", params))
+
+    def alerts(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Active (pending or firing) alerts, optionally only those named ``name``."""
+        alerts = self.api("alerts")["alerts"]
+        return [a for a in alerts if name is None or a["labels"].get("alertname") == name]
+
     def targets(self) -> list[dict[str, Any]]:
         return self.api("targets")["activeTargets"]
 

@@ -30,10 +30,10 @@ from typer.testing import CliRunner
 from tests._pipeline_fixtures import TINY_VALIDATION, commit_all, git, init_project, synth
 
 VARIANT = os.environ.get("CXR_TEST_VARIANT", "omicron")
-BASE_PATIENTS = int(os.environ.get("CXR_TEST_BASE_PATIENTS", "60"))
-VARIANT_PATIENTS = int(os.environ.get("CXR_TEST_VARIANT_PATIENTS", "60"))
-EXTERNAL_PATIENTS = int(os.environ.get("CXR_TEST_EXTERNAL_PATIENTS", "40"))
-TRAIN = {"epochs": int(os.environ.get("CXR_TEST_EPOCHS", "4")), "image_size": 64, "encoder": "small",
+BASE_PATIENTS = int(os.environ.get("CXR_TEST_BASE_PATIENTS", "80"))
+VARIANT_PATIENTS = int(os.environ.get("CXR_TEST_VARIANT_PATIENTS", "100"))
+EXTERNAL_PATIENTS = int(os.environ.get("CXR_TEST_EXTERNAL_PATIENTS", "60"))
+TRAIN = {"epochs": int(os.environ.get("CXR_TEST_EPOCHS", "8")), "image_size": 64, "encoder": "small",
          "batch_size": 8, "seed": 11}
 PASSWORD = "correct horse battery staple"
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
@@ -65,7 +65,13 @@ def _fmt_diff(d: dict | None) -> str:
 
 
 @pytest.mark.slow
-def test_variant_retraining_story(cxr_env: Path) -> None:
+def test_variant_retraining_story(cxr_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import reset_settings
+
+    # a fixed pseudonym key: patient pseudonyms, hence the patient splits, and so the numbers are the
+    # same on every run (the key is otherwise generated per CXR_HOME)
+    monkeypatch.setenv("CXR_PSEUDONYM_KEY", "variant-retraining-test-key")
+    reset_settings()
     from app.cli import root
     from compliance.approvals import approve_model_version
     from compliance.users import create_user
@@ -199,7 +205,14 @@ def test_variant_retraining_story(cxr_env: Path) -> None:
                      f"{_fmt(s.get('challenger'))} | {_fmt_diff(s.get('difference'))} |")
     lines += ["", f"Champion before retraining: base test {_fmt(champ_base_sens)}, external {VARIANT} "
                   f"{_fmt(champ_variant_sens)}.  Wall time {elapsed:.0f} s (champion ready after "
-                  f"{t_champion:.0f} s), 2 shared CPU cores.", ""]
+                  f"{t_champion:.0f} s), 2 shared CPU cores.", "",
+              "Reading: the internal test groups per variant tag hold only a handful of COVID-19 images, so "
+              "their intervals are wide; the external held-out variant cohort is the comparison to read. The "
+              "numbers are deterministic (fixed seeds and pseudonym key, CPU). Release policy on the challenger: "
+              f"{'passed' if state['policy_passed'] else 'failed ' + str(state['policy'].get('failed_criteria'))}"
+              "; either way it stays `candidate` (alias `challenger`) until a human approver signs (the test "
+              "approved the champion with a signed policy override, as small test sets rarely meet the CI "
+              "lower bounds).", ""]
     text = "\n".join(lines)
     print(text)
     _record_results(text)
