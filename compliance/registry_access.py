@@ -42,18 +42,12 @@ def model_name() -> str:
 
 def resolve_version(version: str | int):
     """A ``ModelVersion`` from ``3``, ``"3"``, ``"v3"`` or an alias such as ``"champion"``."""
-    from mlflow.exceptions import MlflowException
+    from models.registry import RegistryError as ModelRegistryError, model_version_record
 
-    c = client()
-    text = str(version).strip()
-    if text.lower().startswith("v") and text[1:].isdigit():
-        text = text[1:]
     try:
-        if text.isdigit():
-            return c.get_model_version(model_name(), text)
-        return c.get_model_version_by_alias(model_name(), text)
-    except MlflowException as exc:
-        raise RegistryError(f"model {model_name()!r} version/alias {version!r} not found") from exc
+        return model_version_record(version)
+    except ModelRegistryError as exc:
+        raise RegistryError(str(exc)) from exc
 
 
 def list_versions() -> list:

@@ -91,10 +91,11 @@ def configure_mlflow(experiment: str = EXPERIMENT) -> str:
 
 def resolve_version(version: str | int) -> str:
     """Version number (str) for ``3``, ``"3"``, ``"v3"``, ``"latest"`` or an alias."""
-    return _model_version(version).version
+    return model_version_record(version).version
 
 
-def _model_version(version: str | int):
+def model_version_record(version: str | int):
+    """The MLflow ``ModelVersion`` for ``3``, ``"3"``, ``"v3"``, ``"latest"`` or an alias (``champion``)."""
     from mlflow.exceptions import MlflowException
 
     c = client()
@@ -111,7 +112,7 @@ def _model_version(version: str | int):
             return max(versions, key=lambda mv: int(mv.version))
         return c.get_model_version_by_alias(model_name(), text)
     except MlflowException as exc:
-        raise RegistryError(f"model {model_name()!r} has no version or alias {version!r}") from exc
+        raise RegistryError(f"model {model_name()!r}: version or alias {version!r} not found") from exc
 
 
 def _as_dict(mv) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def _as_dict(mv) -> dict[str, Any]:
 
 
 def get_model_version(version: str | int) -> dict[str, Any]:
-    return _as_dict(_model_version(version))
+    return _as_dict(model_version_record(version))
 
 
 def list_versions() -> list[dict[str, Any]]:
@@ -186,7 +187,7 @@ def _local_eval_dir(version: str) -> Path:
 
 def evaluation_path(version: str | int) -> Path:
     """A local copy of the version's ``evaluation/evaluation.json`` (downloaded when absent)."""
-    mv = _model_version(version)
+    mv = model_version_record(version)
     path = _local_eval_dir(mv.version) / "evaluation.json"
     if not path.exists():
         if not mv.run_id:
@@ -203,7 +204,7 @@ def evaluation_path(version: str | int) -> Path:
 
 def get_evaluation(version: str | int) -> dict[str, Any]:
     """Training-time evaluation (test split) + ``external`` = {dataset: evaluation} logged since."""
-    mv = _model_version(version)
+    mv = model_version_record(version)
     evaluation = json.loads(evaluation_path(mv.version).read_text())
     external = dict(evaluation.get("external") or {}) if isinstance(evaluation.get("external"), dict) else {}
     c = client()
@@ -226,7 +227,7 @@ def log_external_evaluation(version: str | int, dataset: str, split: str, evalua
     """Log an evaluation of ``version`` on another dataset (or split) on its training run."""
     from models.evaluate import _json_default
 
-    mv = _model_version(version)
+    mv = model_version_record(version)
     c = client()
     key = dataset if split in ("all", None) else f"{dataset}__{split}"
     with tempfile.TemporaryDirectory(prefix="cxr-ext-") as tmp:
@@ -252,7 +253,7 @@ def load_clinical_model(version: str | int = "champion", device: str = "cpu"):
     from models.serving import ClinicalModel, find_package
 
     settings = get_settings()
-    mv = _model_version(version)
+    mv = model_version_record(version)
     key = (settings.tracking_uri, model_name(), str(mv.version), device)
     if key in _loaded:
         return _loaded[key]

@@ -489,21 +489,11 @@ def step_register(state_json: str) -> str:
         client.set_model_version_tag(name, version, "status", "candidate")
         client.set_model_version_tag(name, version, "comparison_run_id", state["pipeline_run_id"])
         actor = p.get("actor", "pipeline")
-        try:  # governance's alias mover audits ``alias.changed`` (MLflow keeps no alias history)
-            from compliance.registry_access import move_alias
+        # governance's alias mover audits ``alias.changed`` (MLflow keeps no alias history)
+        from compliance.registry_access import move_alias
 
-            previous = move_alias("challenger", version, actor=actor, role=_role(actor),
-                                  reason=f"pipeline run {state['pipeline_run_id']}", cause="pipeline.run")
-        except ImportError:
-            previous = None
-            try:
-                previous = client.get_model_version_by_alias(name, "challenger").version
-            except Exception:  # noqa: BLE001 - no challenger yet
-                pass
-            client.set_registered_model_alias(name, "challenger", version)
-            _audit("alias.changed", actor=actor, subject=f"model/{name}/{version}",
-                   details={"alias": "challenger", "from_version": previous, "to_version": version,
-                            "pipeline_run_id": state["pipeline_run_id"], "cause": "pipeline.run"})
+        previous = move_alias("challenger", version, actor=actor, role=_role(actor),
+                              reason=f"pipeline run {state['pipeline_run_id']}", cause="pipeline.run")
         state["registered"] = {"model": name, "version": version, "status": "candidate", "alias": "challenger",
                                "previous_challenger": previous}
         client.set_tag(state["pipeline_run_id"], "registered_version", version)

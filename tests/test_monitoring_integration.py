@@ -233,10 +233,11 @@ class Run:
 def clinical_run(champion, tmp_path_factory):
     run = Run()
     run.t0 = time.time()
-    server = Server(champion, log=champion.base / "server-1.log").start()
+    server = Server(champion, log=champion.base / "server-1.log")
     prom = PrometheusServer(f"127.0.0.1:{server.port}", tmp_path_factory.mktemp("prometheus-1"))
     client = Client(server, champion.tokens["clinician"])
     try:
+        server.start()
         prom.start()
         prom.wait_for_scrapes(1)
         cohort = _cohort(champion.base / "cohort-in")
@@ -274,7 +275,6 @@ def clinical_run(champion, tmp_path_factory):
         # phase 2: Prometheus has the four outcome cells of each site at 0 before any outcome arrives,
         # so increase() treats every cell of a site alike and the ratios are exact
         prom.wait_for_scrapes(2)
-        run.truth = {}
         for site, (tp, fn, tn, fp) in CONFUSION.items():
             pos, neg = by_site[site][True], by_site[site][False]
             for pid in pos[:tp]:
@@ -462,10 +462,11 @@ def test_in_distribution_cohort_keeps_psi_below_threshold(clinical_run):
 
 def test_variant_cohort_raises_psi_above_alert_threshold(champion, clinical_run, tmp_path_factory):
     # a fresh server process = a fresh 200-sample drift window for the same champion
-    server = Server(champion, log=champion.base / "server-2.log").start()
+    server = Server(champion, log=champion.base / "server-2.log")
     prom = PrometheusServer(f"127.0.0.1:{server.port}", tmp_path_factory.mktemp("prometheus-2"))
     client = Client(server, champion.tokens["clinician"])
     try:
+        server.start()
         prom.start()
         before = client.metrics()
         assert not _psi(before, champion.version), "a fresh process starts with an empty window"
