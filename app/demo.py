@@ -167,6 +167,11 @@ class Demo:
         args = ["model", "approve", version, "--reason", "Demo release: policy criteria reviewed", "--as",
                 "demo-approver", "--password-stdin"]
         if not passed:
+            refused = subprocess.run([self.cxr, *args], input=DEMO_PASSWORD + "\n", capture_output=True, text=True,
+                                     env=self.env, cwd=self.workdir, timeout=600)
+            if refused.returncode == 0:
+                raise DemoFailed("a policy-failing version was approved without an override")
+            self.step(f"approval of v{version} without an override: refused (policy fails), as the policy requires")
             args += ["--override-policy", "DEMO ONLY: tiny synthetic cohort cannot meet the clinical policy"]
         self.run(*args, stdin=DEMO_PASSWORD + "\n")
         self.step(f"v{version} approved by 'Dr. Demo Approver' (e-signed, re-authenticated) → alias champion"
@@ -340,7 +345,7 @@ def _comparison_line(comparison: dict) -> str:
     return "\n     ".join(parts) if parts else "see the comparison report in MLflow (pipeline run artifacts)"
 
 
-def run_demo(workdir: Path, *, patients: int = 80, variant_patients: int = 40, epochs: int = 4,
+def run_demo(workdir: Path, *, patients: int = 160, variant_patients: int = 60, epochs: int = 8,
              image_size: int = 64, encoder: str = "small", predictions: int = 40, echo=typer.echo) -> dict:
     demo = Demo(workdir, patients=patients, variant_patients=variant_patients, epochs=epochs,
                 image_size=image_size, encoder=encoder, predictions=predictions, echo=echo)
@@ -367,9 +372,9 @@ def register(root: typer.Typer) -> None:
     @root.command("demo")
     def demo(
         workdir: Path = typer.Option(None, help="workspace (default: <CXR_HOME>/demo); wiped at start"),
-        patients: int = typer.Option(80, help="synthetic patients in the first cohort"),
-        variant_patients: int = typer.Option(40, help="patients in the new-variant batch"),
-        epochs: int = typer.Option(4),
+        patients: int = typer.Option(160, help="synthetic patients in the first cohort"),
+        variant_patients: int = typer.Option(60, help="patients in the new-variant batch"),
+        epochs: int = typer.Option(8),
         image_size: int = typer.Option(64, help="training image side in pixels (CPU-friendly)"),
         encoder: str = typer.Option("small", help="small | densenet121"),
         predictions: int = typer.Option(40, help="API predictions to send"),

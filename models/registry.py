@@ -261,8 +261,12 @@ def load_clinical_model(version: str | int = "champion", device: str = "cpu"):
     try:
         pkg = find_package(cache)
     except FileNotFoundError:
+        import mlflow
         import mlflow.artifacts
 
+        # ``models:/`` URIs resolve through the *registry* URI, which MLflow otherwise defaults to
+        # ./mlflow.db in the working directory (a fresh API process would then find no model).
+        mlflow.set_registry_uri(settings.tracking_uri)
         tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=settings.state_dir))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name()}/{mv.version}",

@@ -125,22 +125,9 @@ def champion(tmp_path_factory) -> ApiEnv:
     assert proc.returncode == 0, f"champion build failed:\n{log.read_text(errors='replace')[-4000:]}"
     info = json.loads((base / "champion.json").read_text())
     print(f"\nchampion v{info['version']} built: " + ", ".join(f"{k} {v:.1f}" for k, v in info["timings"].items()))
-    api = _MonitoringEnv(home=base / "home", project=base / "project", version=info["version"], tokens=info["tokens"])
+    api = ApiEnv(home=base / "home", project=base / "project", version=info["version"], tokens=info["tokens"])
     api.base = base  # type: ignore[attr-defined]
     return api
-
-
-class _MonitoringEnv(ApiEnv):
-    """ApiEnv whose server also gets MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI = the champion's store,
-    as a deployment sets them (docker-compose). Without them MLflow 3 resolves ``models:/`` artifact
-    URIs against its *default* registry (./mlflow.db in the working directory), not Settings.tracking_uri,
-    and the server cannot download the champion (models.registry.load_clinical_model)."""
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        uri = f"sqlite:///{self.home / 'mlflow.db'}"
-        env.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri})
-        return env
 
 
 # ----------------------------------------------------------------------------------------------
