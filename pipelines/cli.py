@@ -29,7 +29,7 @@ REPRODUCE_METRICS = ["auroc", "sensitivity", "specificity"]
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _die(message: str, code: int = 1) -> None:

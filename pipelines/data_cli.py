@@ -39,7 +39,7 @@ def synth(
 
     from pipelines.synth import VARIANTS, synthesize_cohort
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if variant and variant.strip().lower() not in VARIANTS:
         console.print(f"[red]unknown variant '{variant}'[/red]; known: {', '.join(sorted(VARIANTS))}")
         raise typer.Exit(2)
