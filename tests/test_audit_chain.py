@@ -25,6 +25,16 @@ def test_intact_chain_verifies(trail):
     v = verify_chain()
     assert v.ok and v.n_entries == 5 and v.first_bad_seq is None
     assert len(v.head_hash) == 64
+    con = sqlite3.connect(_db_path(trail))
+    try:
+        (head,) = con.execute("SELECT entry_hash FROM audit_trail ORDER BY seq DESC LIMIT 1").fetchone()
+        rows = con.execute("SELECT seq, prev_hash, entry_hash FROM audit_trail ORDER BY seq").fetchall()
+    finally:
+        con.close()
+    assert v.head_hash == head
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[0][1] == "0" * 64  # genesis
+    assert all(rows[i][1] == rows[i - 1][2] for i in range(1, len(rows)))  # each entry links to the one before
 
 
 @pytest.mark.parametrize(

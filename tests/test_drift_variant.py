@@ -10,9 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics as m
-
-synth = pytest.importorskip("pipelines.synth", reason="data layer (pipelines.synth) not available")
-preprocessing = pytest.importorskip("models.preprocessing", reason="models.preprocessing not available")
+from models import preprocessing
+from pipelines import synth
 
 IMAGE_SIZE = 64       # synthetic radiograph rows; small keeps the test quick
 PREPARED = 64         # prepared array side (the API uses 256; the histogram is per pixel fraction)

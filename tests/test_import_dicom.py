@@ -185,7 +185,18 @@ def test_dicom_import_validates_deidentifies_and_splits(cxr_env: Path):
 
     # audit: counts only, chain intact
     events = [e for e in list_events(None, None, "dataset.imported")]
-    assert events, "dataset.imported not recorded"
+    assert len(events) == 1, "dataset.imported not recorded exactly once"
+    ev = events[0]
+    assert ev["actor"] == "tester" and ev["subject"] == "dataset:dcm"
+    d = ev["details"]
+    assert d["name"] == "dcm" and d["batch"] == 0
+    assert (d["n_input"], d["n_accepted"], d["n_rejected"]) == (len(rows), 6, 4) == (10, 6, 4)
+    assert d["by_code"] == {"duplicate-image": 1, "vitals-out-of-range": 1, "not-dicom": 1, "lateral-view": 1}
+    assert d["by_label"] == {"covid19": 2, "normal": 2, "other_pneumonia": 2}
+    assert d["by_site"] == {"site-a": 3, "site-b": 3}
+    assert d["by_view"] == {"PA": 6}
+    assert d["by_split"] == man["split"].value_counts().to_dict() and sum(d["by_split"].values()) == 6
+    assert d["n_patients"] == man["patient_id"].nunique() == 6
     assert verify_chain().ok
 
 

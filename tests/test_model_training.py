@@ -127,6 +127,32 @@ def test_evaluation_json_schema(state):
         assert m["ci_low"] <= m["value"] + 1e-9 and m["value"] <= m["ci_high"] + 1e-9, (k, m)
     assert 0 < cvr["threshold"] < 1
     assert cvr["threshold_selection"]["chosen_on"] == "validation"
+    # the reported numbers are exactly those recomputed from the run's logged test predictions
+    from mlflow import MlflowClient
+    from sklearn.metrics import roc_auc_score
+
+    from app.config import get_settings
+
+    c = MlflowClient(get_settings().tracking_uri)
+    preds = pd.read_csv(c.download_artifacts(state["result"]["run_id"], "evaluation/test_predictions.csv",
+                                             str(state["base"])))
+    assert {"label", "p_covid19"} <= set(preds.columns)
+    assert len(preds) == ev["n_images"]
+    y = (preds["label"] == "covid19").to_numpy()
+    p = preds["p_covid19"].to_numpy(dtype=float)
+    pred = p >= cvr["threshold"]
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    tn, fn = int((~pred & ~y).sum()), int((~pred & y).sum())
+    assert cvr["counts"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    assert tp + fn > 0 and tn + fp > 0 and tp + fp > 0 and tn + fn > 0  # every ratio defined
+    assert cvr["sensitivity"]["value"] == pytest.approx(tp / (tp + fn))
+    assert cvr["specificity"]["value"] == pytest.approx(tn / (tn + fp))
+    assert cvr["ppv"]["value"] == pytest.approx(tp / (tp + fp))
+    assert cvr["npv"]["value"] == pytest.approx(tn / (tn + fn))
+    assert cvr["auroc"]["value"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+    assert cvr["prevalence"] == pytest.approx(y.mean())
+    assert ev["class_counts"] == preds["label"].value_counts().reindex(
+        ["covid19", "other_pneumonia", "normal"], fill_value=0).astype(int).to_dict()
     cal = ev["calibration"]
     assert cal["temperature"] > 0 and cal["ece_before"] is not None and cal["ece_after"] is not None
     assert ev["model_version"] == "1" and ev["dataset_version"] == state["result"]["dataset_version"]
@@ -166,6 +192,11 @@ def test_clinical_model_api(state):
     assert len(m.predict(images[:1], [{}])) == 1
     cam = m.gradcam(images[0], vitals[0])
     assert cam.shape == (256, 256) and cam.min() >= 0 and cam.max() <= 1
+    # for the image the model finds most COVID-like, Grad-CAM shows localised positive evidence
+    # (an all-zero or uniform map would mean the explanation is broken)
+    top = int(np.argmax([o["p_covid19"] for o in out]))
+    cam = m.gradcam(images[top], vitals[top])
+    assert cam.max() == 1.0 and cam.std() > 0.01
     # an image unlike any radiograph scores as out of distribution
     noise = np.random.default_rng(0).random((1, 256, 256)).astype(np.float32)
     assert m.ood_score([noise], [vitals[0]])[0] > np.median([o["ood_score"] for o in out])

@@ -111,7 +111,12 @@ def test_evaluation_degenerate_cases_do_not_crash():
                                                     "view": ["PA"] * 6}))
     cvr = ev["covid19_vs_rest"]
     assert cvr["auroc"]["value"] is None and cvr["sensitivity"]["value"] is None
-    assert cvr["specificity"]["value"] is not None
+    # every image is a non-covid19 case, so specificity = share with p_covid19 < threshold; recompute it
+    p_covid = np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)
+    assert int((p_covid < 0.5).sum()) == 5  # one of the six (row 2, p = 0.545) is a false positive
+    assert cvr["specificity"]["value"] == pytest.approx(5 / 6)
+    assert cvr["counts"] == {"tp": 0, "fp": 1, "tn": 5, "fn": 0}
+    assert cvr["npv"]["value"] == pytest.approx(1.0) and cvr["ppv"]["value"] == pytest.approx(0.0)
     assert any("no covid19" in w for w in ev["warnings"])
     assert ev["per_class_auroc"]["covid19"] is None
     assert ev["subgroups"]["sex"]["M"]["small"] is True

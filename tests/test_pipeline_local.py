@@ -39,8 +39,12 @@ def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage
     mv = client.get_model_version(name, v)
     assert mv.tags["status"] == "candidate"
     assert str(client.get_model_version_by_alias(name, "challenger").version) == v
-    with pytest.raises(Exception):  # the pipeline never makes a champion
-        client.get_model_version_by_alias(name, "champion")
+    # the pipeline never makes a champion: the registered model's only alias is the challenger
+    # (the sqlite store reports alias -> version as an int, hence str())
+    aliases = {a: str(ver) for a, ver in client.get_registered_model(name).aliases.items()}
+    assert "champion" not in aliases, aliases
+    assert aliases == {"challenger": v}, aliases
+    assert "champion" not in (mv.aliases or [])
     assert mv.tags["dataset_version"] == version["dataset_version"]
 
     # the pipeline's own MLflow run: finished, with every artefact
@@ -59,7 +63,18 @@ def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage
     assert "all" in comparison["test_sets"]["cohort:test"]["groups"]
     assert "# Champion vs challenger" in _artifact(client, prun.info.run_id, "comparison/comparison.md")
     policy = _artifact(client, prun.info.run_id, "policy/policy.json")
-    assert "passed" in policy and "criteria" in policy  # tiny data: it may well fail; nobody approves
+    # tiny data: it may well fail; whatever the verdict, it is the conjunction of the criteria and nobody approves
+    assert isinstance(policy, dict) and policy.get("error") is None, policy
+    assert isinstance(policy["passed"], bool)
+    assert isinstance(policy["criteria"], list) and policy["criteria"]
+    assert all(isinstance(c["passed"], bool) for c in policy["criteria"])
+    assert policy["passed"] == all(c["passed"] for c in policy["criteria"])
+    assert policy["failed_criteria"] == [c["id"] for c in policy["criteria"] if not c["passed"]]
+    assert policy["version"] == v
+    assert prun.data.tags["policy_passed"] == str(policy["passed"])
+    mv_after = client.get_model_version(name, v)
+    assert mv_after.tags["status"] == "candidate"
+    assert "champion" not in dict(client.get_registered_model(name).aliases)
 
     # lineage on the training run
     trun = client.get_run(state["training_run_id"])
@@ -79,6 +94,8 @@ def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage
     assert len(events) == 1
     d = events[0]["details"] if isinstance(events[0], dict) else json.loads(events[0].details)
     assert d["status"] == "finished" and d["model_version"] == v
+    assert d["status_tag"] == "candidate" and d["alias"] == "challenger"
+    assert d["policy_passed"] == policy["passed"] and d["champion_version"] is None
     assert d["dataset_version"] == version["dataset_version"]
     assert verify_chain().ok
 
