@@ -42,6 +42,52 @@ def _cases() -> dict[str, dict]:
     }
 
 
+_ABSENT = object()
+_MALFORMED_VITALS = ("malformed-json", {"field": "vitals"})
+
+
+def _refused(code: str) -> tuple[str, dict]:
+    """An ``ImageRefused`` of the data layer: ``image-refused/<code>`` with ``refusal_code`` = code."""
+    return f"image-refused/{code}", {"refusal_code": code}
+
+
+# label -> (problem ``code``, further members the problem document must carry with exactly these values)
+EXPECTED: dict[str, tuple[str, dict]] = {
+    "truncated-dicom": _refused("truncated"),
+    "truncated-header": _refused("truncated"),
+    "garbage-bytes": _refused("not-dicom"),
+    "empty-file": _refused("empty"),
+    "ct": _refused("wrong-modality"),
+    "mr": _refused("wrong-modality"),
+    "us": _refused("wrong-modality"),
+    "ot": _refused("wrong-modality"),
+    "rgb": _refused("colour-image"),
+    "multi-frame": _refused("multi-frame"),
+    "lateral": _refused("lateral-view"),
+    "not-chest": _refused("not-chest"),
+    "no-pixel-data": _refused("no-pixel-data"),
+    "bomb-30000x30000": _refused("too-many-pixels"),
+    "png-not-dicom": _refused("not-dicom"),
+    "vitals-out-of-range": ("invalid-vitals", {"field": "temperature_c", "valid_range": [30.0, 45.0], "value": 51}),
+    "vitals-spo2-range": ("invalid-vitals", {"field": "spo2_percent", "valid_range": [50.0, 100.0], "value": 130}),
+    "vitals-not-number": ("invalid-vitals", {"field": "heart_rate_bpm", "valid_range": [20.0, 250.0],
+                                             "value": "fast"}),
+    "vitals-unknown-field": ("invalid-vitals", {"field": "blood_type", "valid_range": _ABSENT}),
+    "vitals-bad-json": _MALFORMED_VITALS,
+    "vitals-json-array": _MALFORMED_VITALS,
+    "vitals-deep-json": _MALFORMED_VITALS,
+    "vitals-nan": _MALFORMED_VITALS,  # NaN is not JSON (RFC 8259), never read as a missing value
+    "bad-site": ("validation-error", {}),
+    "missing-image": ("validation-error", {}),
+}
+# request-validation failures: the location of the offending form field
+VALIDATION_LOC = {"bad-site": ["body", "site"], "missing-image": ["body", "image"]}
+
+
+def test_expected_covers_every_case():
+    assert set(EXPECTED) == set(_cases())
+
+
 @pytest.fixture(scope="module")
 def client(api_env):  # noqa: F811
     from fastapi.testclient import TestClient
@@ -77,13 +123,16 @@ def test_hostile_prediction_input(client, api_env, label):  # noqa: F811
         data["dummy"] = "x"
     r = client.post("/v1/predictions", headers=api_env.headers("clinician"), files=files, data=data)
     body = _assert_problem(r, label, 422)
-    if label.startswith("vitals-") and label not in ("vitals-bad-json", "vitals-json-array", "vitals-deep-json"):
-        if label != "vitals-nan":
-            assert body.get("field"), body
-        if label in ("vitals-out-of-range", "vitals-spo2-range"):
-            assert body["valid_range"], body
-    if label in ("ct", "mr", "us", "ot", "rgb", "multi-frame", "lateral", "not-chest", "bomb-30000x30000"):
-        assert body["code"].startswith("image-refused/"), body
+    code, extra = EXPECTED[label]
+    assert body["code"] == code, (label, body)
+    assert body["type"].endswith("/" + code), (label, body)
+    for key, value in extra.items():
+        if value is _ABSENT:
+            assert key not in body, (label, key, body)
+        else:
+            assert body.get(key) == value, (label, key, body)
+    if label in VALIDATION_LOC:
+        assert [e["loc"] for e in body["errors"]] == [VALIDATION_LOC[label]], body
     assert FAKE_PATIENT_NAME not in r.text
 
 

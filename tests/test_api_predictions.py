@@ -45,7 +45,11 @@ def test_predict_json(client, api_env):  # noqa: F811
     assert body["p_covid19"] == pytest.approx(body["probabilities"]["covid19"])
     assert body["decision"] == ("covid19-positive" if body["p_covid19"] >= body["operating_threshold"]
                                 else "covid19-negative")
-    assert all(body["vitals_present"].values())
+    # presence flags only: every vital field sent (and sex) is flagged present, nothing else is there
+    sent_fields = ("temperature_c", "spo2_percent", "heart_rate_bpm", "respiratory_rate", "systolic_bp_mmhg",
+                   "age_years", "sex")
+    assert set(sent_fields) <= set(VITALS)
+    assert body["vitals_present"] == {f: True for f in sent_fields}, body["vitals_present"]
     codes = {w["code"] for w in body["warnings"]}
     assert "vitals-missing" not in codes and "age-under-18" not in codes
     # stored without PHI: the accession only as a keyed hash; vitals only as presence flags
@@ -64,6 +68,10 @@ def test_predict_warnings(client, api_env):  # noqa: F811
     assert r.status_code == 200, r.text
     codes = {w["code"] for w in r.json()["warnings"]}
     assert {"vitals-missing", "age-under-18", "view-missing"} <= codes
+    # only age was sent: every other vital (and sex) is flagged absent
+    assert r.json()["vitals_present"] == {"temperature_c": False, "spo2_percent": False, "heart_rate_bpm": False,
+                                          "respiratory_rate": False, "systolic_bp_mmhg": False, "age_years": True,
+                                          "sex": False}, r.json()["vitals_present"]
     flat = make_dicom(rows=128, cols=128, pixels=__import__("numpy").full((128, 128), 2000, dtype="uint16"))
     r = client.post("/v1/predictions", headers=api_env.headers("clinician"),
                     files={"image": ("flat.dcm", flat, "application/dicom")}, data={"vitals": json.dumps(VITALS)})
@@ -82,6 +90,43 @@ def test_predict_fhir_validates(client, api_env):  # noqa: F811
     kinds = {c.get_resource_type() for c in report.contained}
     assert {"Observation", "Device"} <= kinds
     assert api_env.version in r.text
+
+    # the FHIR content is the stored prediction: compare with GET /v1/predictions/{id} (plain JSON)
+    fhir = r.json()
+    assert fhir["identifier"][0]["value"] == fhir["id"]
+    got = client.get(f"/v1/predictions/{fhir['id']}", headers=api_env.headers("clinician"))
+    assert got.status_code == 200, got.text
+    stored = got.json()
+    contained = {c["id"]: c for c in fhir["contained"]}
+    assert sorted(ref["reference"] for ref in fhir["result"]) == sorted(
+        f"#{cid}" for cid, c in contained.items() if c["resourceType"] == "Observation")
+
+    def value(obs_id: str) -> float:
+        obs = contained[obs_id]
+        assert obs["resourceType"] == "Observation" and obs["status"] == "final", obs
+        assert obs["device"] == {"reference": "#model"}, obs
+        q = obs["valueQuantity"]
+        assert q["unit"] == "probability" and q["code"] == "1", q
+        return float(q["value"])
+
+    assert contained["p-covid19"]["code"]["coding"][0]["code"] == "p-covid19"
+    assert value("p-covid19") == pytest.approx(stored["p_covid19"], abs=1e-6)
+    assert set(stored["probabilities"]) == {"covid19", "other_pneumonia", "normal"}
+    for cls, p in stored["probabilities"].items():
+        obs_id = f"prob-{cls.replace('_', '-')}"
+        assert contained[obs_id]["code"]["coding"][0]["code"] == f"probability-{cls}"
+        assert value(obs_id) == pytest.approx(p, abs=1e-6), cls
+    decision = contained["decision"]
+    assert decision["code"]["coding"][0]["code"] == "covid19-decision"
+    concept = decision["valueCodeableConcept"]
+    assert concept["text"] == stored["decision"]
+    assert concept["coding"][0]["code"] == ("POS" if stored["decision"] == "covid19-positive" else "NEG")
+    assert f"{stored['operating_threshold']:.4f}" in decision["method"]["text"]
+    device = contained["model"]
+    assert device["resourceType"] == "Device"
+    assert device["version"] == [{"value": str(stored["model"]["version"])}]
+    assert stored["model"]["version"] == api_env.version
+    assert device["deviceName"][0]["name"] == stored["model"]["name"]
 
 
 def test_get_prediction_heatmap_and_outcome(client, api_env):  # noqa: F811
@@ -141,3 +186,11 @@ def test_model_health_metrics(client, api_env):  # noqa: F811
     rep = client.get("/v1/audit/report", params={"from": "2020-01-01", "to": "2100-01-01", "format": "json"},
                      headers=api_env.headers("compliance_officer"))
     assert rep.status_code == 200, rep.text
+    assert rep.headers["content-type"].startswith("application/json")
+    report = rep.json()
+    assert report["audit_chain"]["ok"] is True, report["audit_chain"]
+    assert report["audit_chain"]["first_bad_seq"] is None
+    assert report["predictions"]["available"] is True
+    assert report["predictions"]["total"] >= 1, report["predictions"]
+    assert report["predictions"]["total"] == sum(p["n"] for p in report["predictions"]["by_model_site"])
+    assert api_env.version in {p["model_version"] for p in report["predictions"]["by_model_site"]}

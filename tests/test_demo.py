@@ -8,7 +8,10 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_lifecycle(tmp_path, monkeypatch):
+    import jsonschema
+
     from app.demo import run_demo
+    from compliance.reports import load_schema
 
     lines: list[str] = []
     monkeypatch.delenv("CXR_USER", raising=False)
@@ -27,12 +30,22 @@ def test_demo_runs_the_whole_lifecycle(tmp_path, monkeypatch):
         pos = nxt
     assert results["first_version"] == "1" and results["challenger_version"] == "2"
     assert results["in_distribution"]["errors"] == 0 and results["variant_on_champion"]["errors"] == 0
+    tally = results["in_distribution"]
+    assert tally["tp"] + tally["fn"] + tally["tn"] + tally["fp"] == 12, tally  # every prediction sent, counted
+
     pdf, js = results["reports"]
     report = json.loads(open(js).read())
-    assert report  # validated against its schema by the exporter; here: it exists and parses
+    jsonschema.validate(report, load_schema())  # compliance/report_schema.json, the exporter's own schema
+    assert report["audit_chain"]["ok"] is True and report["audit_chain"]["first_bad_seq"] is None, \
+        report["audit_chain"]
+    models = {m["version"]: m for m in report["models"]}
+    assert set(models) == {"1", "2"}, sorted(models)
+    assert "champion" in models["1"]["aliases"] and models["1"]["status"] == "approved", models["1"]
+    assert models["2"]["status"] == "candidate" and "champion" not in models["2"]["aliases"], models["2"]
+    assert "challenger" in models["2"]["aliases"], models["2"]
+    # both prediction batches (in-distribution and variant, 12 each) are in the report's period
+    assert report["predictions"]["total"] == 24, report["predictions"]
     from pypdf import PdfReader
 
     pdf_text = "".join(page.extract_text() or "" for page in PdfReader(pdf).pages)
     assert "covid-cxr" in pdf_text
-    # the API process is gone
-    assert "API server stopped" in text

@@ -161,8 +161,13 @@ def test_real_prometheus_confusion_matrix_alerts_and_dashboards(metrics_target, 
                prom.query_values(f'cxr_drift_psi{{model_version="{MODEL_VERSION}"}}').items()}
         assert set(psi) == set(VITAL_MEANS) | {"image_intensity"}
         assert all(v < m.PSI_ALERT_THRESHOLD for v in psi.values()), psi
+        # ... and they are the monitor's own values: its window holds all 3 x 40 predictions of this test
+        assert m.get_drift_monitor() is monitor
+        assert monitor.samples() == {f: 120 for f in psi}, monitor.samples()
+        local = monitor.psi_values()
+        assert all(_close(psi[f], local[f]) for f in psi), (psi, local)
         ood = prom.query_values(f'cxr_drift_ood_fraction{{model_version="{MODEL_VERSION}"}}')
-        assert len(ood) == 1 and 0.05 < next(iter(ood.values())) < 0.2
+        assert len(ood) == 1 and _close(next(iter(ood.values())), 12 / 120), ood  # ood_score 0.95 for i % 10 == 0
 
         # every Grafana panel query (variables = All) returns data, and at least one real number
         bd = _load_dashboards()
@@ -176,4 +181,3 @@ def test_real_prometheus_confusion_matrix_alerts_and_dashboards(metrics_target, 
         assert not empty, empty
     finally:
         m.configure_drift(None, MODEL_VERSION)
-        assert monitor is not None
