@@ -22,6 +22,27 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _run_and_report(write, name: str, what: str, as_json: bool) -> None:
+    """Run an import-like ``write()`` (returns an ImportSummary); turn its errors into messages; print the summary."""
+    from pipelines.dvc_store import DvcError
+    from pipelines.ingest import DatasetImportError, print_summary
+
+    try:
+        summary = write()
+    except DatasetImportError as exc:
+        _fail(str(exc))
+    except DvcError as exc:
+        _fail(f"the {what} was written to data/{name} but DVC versioning failed: {exc}")
+    except ImportError as exc:
+        _fail(f"a required module is missing: {exc}")
+    except OSError as exc:
+        _fail(f"cannot read or write files: {exc}")
+    if as_json:
+        print(json.dumps(summary.counts(), sort_keys=True))
+    else:
+        print_summary(summary, console)
+
+
 def register_data_commands(data_app: typer.Typer) -> None:
     @data_app.command("import")
     def import_cmd(
@@ -36,24 +57,11 @@ def register_data_commands(data_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
     ) -> None:
         """Validate, de-identify, dedupe, label and split SOURCE into data/NAME, then DVC-track it."""
-        from pipelines.dvc_store import DvcError
-        from pipelines.ingest import DatasetImportError, import_dataset, print_summary
+        from pipelines.ingest import import_dataset
 
-        try:
-            summary = import_dataset(source, name, seed=seed, actor=as_user, tag=tag, track=not no_dvc,
-                                     force=force, workers=workers, quiet=as_json)
-        except DatasetImportError as exc:
-            _fail(str(exc))
-        except DvcError as exc:
-            _fail(f"the dataset was written to data/{name} but DVC versioning failed: {exc}")
-        except ImportError as exc:
-            _fail(f"a required module is missing: {exc}")
-        except OSError as exc:
-            _fail(f"cannot read or write files: {exc}")
-        if as_json:
-            print(json.dumps(summary.counts(), sort_keys=True))
-        else:
-            print_summary(summary, console)
+        _run_and_report(lambda: import_dataset(source, name, seed=seed, actor=as_user, tag=tag, track=not no_dvc,
+                                               force=force, workers=workers, quiet=as_json),
+                        name, "dataset", as_json)
 
     @data_app.command("add-batch")
     def add_batch_cmd(
@@ -67,22 +75,11 @@ def register_data_commands(data_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Append a labelled batch: new patients are split by patient, existing rows keep their split."""
-        from pipelines.dvc_store import DvcError
-        from pipelines.ingest import DatasetImportError, add_batch, print_summary
+        from pipelines.ingest import add_batch
 
-        try:
-            summary = add_batch(source, to, tag=tag, seed=seed, actor=as_user, track=not no_dvc,
-                                workers=workers, quiet=as_json)
-        except DatasetImportError as exc:
-            _fail(str(exc))
-        except DvcError as exc:
-            _fail(f"the batch was written to data/{to} but DVC versioning failed: {exc}")
-        except OSError as exc:
-            _fail(f"cannot read or write files: {exc}")
-        if as_json:
-            print(json.dumps(summary.counts(), sort_keys=True))
-        else:
-            print_summary(summary, console)
+        _run_and_report(lambda: add_batch(source, to, tag=tag, seed=seed, actor=as_user, track=not no_dvc,
+                                          workers=workers, quiet=as_json),
+                        to, "batch", as_json)
 
     @data_app.command("versions")
     def versions_cmd(as_json: bool = typer.Option(False, "--json")) -> None:

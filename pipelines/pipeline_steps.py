@@ -412,6 +412,11 @@ def _evaluate_version(version: str, dataset: str, *, split: str | None, seed: in
                                   n_bootstrap=n_bootstrap, actor=actor, log_to_mlflow=not internal)
 
 
+def _test_sets(state: dict) -> list[tuple[str, str | None]]:
+    """(dataset, split): the training dataset's test split, then every external dataset whole."""
+    return [(state["dataset_name"], "test")] + [(n, None) for n in state["external_datasets"]]
+
+
 def step_evaluate(state_json: str) -> str:
     state = json.loads(state_json)
     p = state["params"]
@@ -421,7 +426,7 @@ def step_evaluate(state_json: str) -> str:
         version = state["model_version"]
         evaluations: dict[str, Any] = {}
         summary: dict[str, Any] = {}
-        test_sets = [(state["dataset_name"], "test")] + [(n, None) for n in state["external_datasets"]]
+        test_sets = _test_sets(state)
         for name, split in test_sets:
             key = name if split is None else f"{name}:{split}"
             ensure_dataset_present(name)
@@ -454,7 +459,7 @@ def step_compare(state_json: str) -> str:
     try:
         client = _client()
         run_id = state["pipeline_run_id"]
-        test_sets = [(state["dataset_name"], "test")] + [(n, None) for n in state["external_datasets"]]
+        test_sets = _test_sets(state)
         for name, _ in test_sets:
             ensure_dataset_present(name)
         report = compare_champion_challenger(state["model_version"], test_sets, champion="champion",
