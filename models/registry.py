@@ -264,8 +264,10 @@ def load_clinical_model(version: str | int = "champion", device: str = "cpu"):
         import mlflow
         import mlflow.artifacts
 
-        # ``models:/`` URIs resolve through the *registry* URI, which MLflow otherwise defaults to
-        # ./mlflow.db in the working directory (a fresh API process would then find no model).
+        # ``models:/`` URIs resolve through the registry URI, and MLflow builds a client on the
+        # *tracking* URI too; both otherwise default to ./mlflow.db in the working directory (a fresh
+        # process would find no model, and leave a stray database wherever it was started).
+        mlflow.set_tracking_uri(settings.tracking_uri)
         mlflow.set_registry_uri(settings.tracking_uri)
         tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=settings.state_dir))
         try:

@@ -244,6 +244,31 @@ def test_pyfunc_fresh_process_matches_training(state):
     assert fresh["decision"] == [o["decision"] for o in inproc]
 
 
+def test_fresh_process_evaluate_writes_only_under_cxr_home(state):
+    """`cxr evaluate` in a fresh process started elsewhere, with a cold model cache: the same test AUROC as
+    at training time, and nothing written to its working directory (MLflow's default ./mlflow.db)."""
+    import shutil
+
+    from app.config import get_settings
+
+    s = get_settings()
+    shutil.rmtree(s.state_dir / "model-cache", ignore_errors=True)  # force the models:/ download path
+    elsewhere = state["base"] / "started-elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    env = {**os.environ, "CXR_HOME": str(state["home"]), "CXR_PROJECT_ROOT": str(state["project"]),
+           "PYTHONPATH": str(REPO_ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "evaluate", "--model-version", "1", "--dataset",
+                           "synthtest", "--bootstrap", "20", "--json", "--out", str(state["base"] / "ev" / "e.json")],
+                          env=env, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads(proc.stdout)
+    assert ev["split"] == "test" and ev["is_external"] is False
+    assert ev["covid19_vs_rest"]["auroc"]["value"] == pytest.approx(state["result"]["evaluation"]["auroc"]["value"],
+                                                                      abs=1e-6)
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
 def test_cli_json_same_seed_same_metrics(state):
     """`cxr train --json` in another process and another store reproduces the in-process run."""
     home2 = state["base"] / "home_cli"
