@@ -35,21 +35,21 @@ export CXR_PROJECT_ROOT=$PROJ CXR_HOME=$PROJ/.cxr
 mkdir -p "$PROJ" && tar -xJf .carry/public.tar.xz -C "$PROJ" && ls "$PROJ/data" | tee -a "$SUM"
 
 step "pytest -m gpu"
-timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_model_units.py 2>&1 | tail -5 | tee -a "$SUM"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_model_units.py 2>&1 | tail -5 | tee -a "$SUM"
 
 step "benchmark: synthetic arrays, densenet121 224 bf16 batch 64 (the issue's command)"
-timeout 300 python3 benchmarks/train_throughput.py --device $DEV --image-size $SIZE --encoder $ENC \
+timeout 180 python3 benchmarks/train_throughput.py --device $DEV --image-size $SIZE --encoder $ENC \
   --batch-size $BATCH --steps $STEPS >>"$OUT/bench.jsonl" 2>>"$LOG"; tail -1 "$OUT/bench.jsonl" | tee -a "$SUM"
 
 step "cxr train --dataset public --device cuda --epochs 5 (the issue's command)"
 t0=$SECONDS
-timeout 600 python3 -m app.cli train --dataset public --device $DEV --epochs $EPOCHS \
+timeout 300 python3 -m app.cli train --dataset public --device $DEV --epochs $EPOCHS \
   --encoder $ENC --image-size $SIZE --json >"$OUT/train5.json" 2>>"$LOG"
 echo "rc=$? wall_s=$((SECONDS - t0))" | tee -a "$SUM"; cut -c1-600 "$OUT/train5.json" | tee -a "$SUM"
 
 step "evaluate the GPU-trained version 1 in a fresh CPU-only process (CUDA hidden)"
 t0=$SECONDS
-CUDA_VISIBLE_DEVICES= timeout 300 python3 -m app.cli evaluate --model-version 1 --dataset public --json \
+CUDA_VISIBLE_DEVICES= timeout 150 python3 -m app.cli evaluate --model-version 1 --dataset public --json \
   >"$OUT/eval_cpu.json" 2>>"$LOG"
 echo "rc=$? wall_s=$((SECONDS - t0))" | tee -a "$SUM"
 python3 - "$OUT/train5.json" "$OUT/eval_cpu.json" <<'EOF' 2>&1 | tee -a "$SUM"
@@ -62,12 +62,12 @@ for k in ("auroc", "sensitivity", "specificity"):
 EOF
 
 step "benchmark: the imported public dataset, same settings"
-timeout 300 python3 benchmarks/train_throughput.py --device $DEV --image-size $SIZE --encoder $ENC \
+timeout 180 python3 benchmarks/train_throughput.py --device $DEV --image-size $SIZE --encoder $ENC \
   --batch-size $BATCH --steps $STEPS --dataset public >>"$OUT/bench.jsonl" 2>>"$LOG"; tail -1 "$OUT/bench.jsonl" | tee -a "$SUM"
 
 step "longer real-data run: densenet121 224, up to 40 epochs, patience 8"
 t0=$SECONDS
-timeout 600 python3 -m app.cli train --dataset public --device $DEV --epochs $LONG \
+timeout 300 python3 -m app.cli train --dataset public --device $DEV --epochs $LONG \
   --encoder $ENC --image-size $SIZE --patience 8 --json \
   >"$OUT/train_long.json" 2>>"$LOG"
 echo "rc=$? wall_s=$((SECONDS - t0))" | tee -a "$SUM"; cut -c1-600 "$OUT/train_long.json" | tee -a "$SUM"
