@@ -4,8 +4,10 @@
         [--batch-size 32] [--steps 30] [--warmup 5] [--rounds 3] [--dataset NAME] [--n-images 512] [--workers N]
 
 - end-to-end: ``models.train``'s own pieces — cached float16 arrays on disk → MONAI CacheDataset
-  (load + resize cached) → train-time augmentation (``train_transforms``) → ThreadDataLoader →
-  ``train_step`` on FusionNet (image + vitals), bf16 autocast + channels_last on a GPU.
+  (load + resize cached) → on the CPU: per-sample augmentation (``train_transforms``) → ThreadDataLoader;
+  on a GPU: the cached split resident on the device (``DeviceResidentLoader``) → batched on-device
+  augmentation (``device_augment``) → ``train_step`` on FusionNet (image + vitals), bf16 autocast +
+  channels_last on a GPU.
 - ceiling: the same model and ``train_step`` on synthetic tensors already on the device.
 Prints one JSON object with images/s for both and their ratio. Without ``--dataset`` it writes
 ``--n-images`` synthetic arrays in the dataset layout to a temporary folder first.
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                  else _synthetic_items(args.n_images, Path(tmp), N_VITALS_FEATURES))
         tf = train_transforms(S) if augment == "cpu" else eval_transforms(S)
         _, loader = build_loader(items, tf, batch_size=B, shuffle=True, device=device, seed=0,
-                                 drop_last=True, num_workers=workers)
+                                 drop_last=True, num_workers=workers, resident=augment == "device")
         cache_s = time.perf_counter() - t_prep
         for _ in range(args.rounds):  # alternate, so background load hits both alike
             ceilings.append(ceiling_round())
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "encoder": args.encoder,
             "image_size": S, "batch_size": B, "steps": args.steps, "bf16_autocast": use_amp, "channels_last": cuda,
-            "augmentation": augment,
+            "augmentation": augment, "loader": type(loader).__name__,
             "loader_workers": workers if workers is not None else (min(8, os.cpu_count() or 2) if cuda else 0),
             "n_items": len(items), "cache_seconds": round(cache_s, 2),
             "ceiling_images_per_s": round(ceiling, 2), "end_to_end_images_per_s": round(e2e, 2),

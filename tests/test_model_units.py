@@ -214,3 +214,42 @@ def test_device_augment_matches_contract():
     assert not torch.allclose(x, y)
     same = device_augment(x, torch.Generator().manual_seed(0), p_affine=0, p_gamma=0, p_noise=0)
     torch.testing.assert_close(same, x, atol=1e-5, rtol=0)  # identity when nothing is drawn
+
+
+def test_device_resident_loader_serves_the_cached_split(tmp_path):
+    """The GPU path's loader (exercised here on the CPU): every cached item once per epoch, in a seeded
+    order, with the DataLoader's batch_size/drop_last semantics and the eval transform's exact pixels."""
+    import torch
+
+    from models.train import DeviceResidentLoader, build_loader
+    from models.transforms import eval_transforms
+
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(11):
+        p = tmp_path / f"{i}.npy"
+        np.save(p, rng.random((1, 40, 40)).astype(np.float16))
+        items.append({"image": str(p), "vitals": np.full(16, i, np.float32), "label": i % 3})
+    ds, loader = build_loader(items, eval_transforms(24), batch_size=4, shuffle=True, device="cpu", seed=7,
+                              resident=True)
+    assert isinstance(loader, DeviceResidentLoader) and len(loader) == 3
+    batches = list(loader)
+    assert [len(b["label"]) for b in batches] == [4, 4, 3]
+    order = torch.cat([b["vitals"][:, 0] for b in batches]).long().tolist()
+    assert sorted(order) == list(range(11)) and order != list(range(11))  # a permutation, shuffled
+    for b in batches:
+        for img, vit, y in zip(b["image"], b["vitals"], b["label"]):
+            i = int(vit[0])
+            assert int(y) == i % 3
+            ref = ds[i]["image"]
+            torch.testing.assert_close(img, torch.as_tensor(np.asarray(ref)), rtol=0, atol=0)
+    assert img.shape == (1, 24, 24) and img.dtype == torch.float32
+    # the epoch's order is a function of the generator's seed (what training reseeds every epoch)
+    loader.generator.manual_seed(5)
+    first = torch.cat([b["vitals"][:, 0] for b in loader]).tolist()
+    loader.generator.manual_seed(5)
+    assert torch.cat([b["vitals"][:, 0] for b in loader]).tolist() == first
+    _, dropping = build_loader(items, eval_transforms(24), batch_size=4, shuffle=False, device="cpu", seed=0,
+                               drop_last=True, resident=True)
+    assert len(dropping) == 2 and [len(b["label"]) for b in dropping] == [4, 4]
+    assert torch.cat([b["vitals"][:, 0] for b in dropping]).long().tolist() == list(range(8))
