@@ -26,15 +26,12 @@ log = logging.getLogger("cxr.api.model")
 
 def champion_version() -> str | None:
     """The version the registry alias ``champion`` points to now (None when unset)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from app.config import get_settings
+    from models.registry import client, model_name
 
-    s = get_settings()
-    client = MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
     try:
-        return str(client.get_model_version_by_alias(s.registered_model_name, "champion").version)
+        return str(client().get_model_version_by_alias(model_name(), "champion").version)
     except MlflowException:
         return None
 

@@ -1,8 +1,8 @@
 """Small MLflow-registry helpers for the governance layer (read versions, tags, evaluation, aliases).
 
-Uses ``MlflowClient`` directly against ``get_settings().tracking_uri`` so governance does not depend
-on the training code. The evaluation is read as the exact bytes of the run artefact
-``evaluation/evaluation.json``: its SHA-256 is what a signature binds to (§11.70).
+Reads the store through ``models.registry`` (one client, one notion of the project's store). The
+evaluation is read as the exact bytes of the run artefact ``evaluation/evaluation.json``: its SHA-256
+is what a signature binds to (§11.70).
 
 Alias moves go through ``move_alias`` so each one is an ``alias.changed`` audit event with from/to
 (open-source MLflow keeps no alias history — mlflow #2169).
@@ -11,38 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.config import get_settings
 from compliance.audit import record_event
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-EVALUATION_ARTIFACT = "evaluation/evaluation.json"
-STATUSES = ("candidate", "approved", "rejected", "retired")
+from models.registry import EVALUATION_ARTIFACT, client, model_name, model_version_record  # noqa: F401 - model_name: API
+from models.registry import RegistryError as ModelRegistryError
 
 
 class RegistryError(Exception):
     """A version, alias or artefact could not be found or read."""
 
 
-def client():
-    from mlflow import MlflowClient
-
-    uri = get_settings().tracking_uri
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def model_name() -> str:
-    return get_settings().registered_model_name
-
-
 def resolve_version(version: str | int):
     """A ``ModelVersion`` from ``3``, ``"3"``, ``"v3"`` or an alias such as ``"champion"``."""
-    from models.registry import RegistryError as ModelRegistryError, model_version_record
 
     try:
         return model_version_record(version)

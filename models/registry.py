@@ -62,15 +62,28 @@ def model_name() -> str:
     return get_settings().registered_model_name
 
 
+def use_project_store() -> str:
+    """Point MLflow's process-wide tracking *and* registry URIs at the project's store; returns the URI.
+
+    Both matter: ``models:/`` URIs resolve through the registry URI, and MLflow also builds clients on
+    the tracking URI; either one left unset defaults to ./mlflow.db in the working directory (a fresh
+    process would find no model, and leave a stray database wherever it was started).
+    """
+    import mlflow
+
+    uri = get_settings().tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
 def configure_mlflow(experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the project's store and make sure ``experiment`` exists; returns its id."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     settings = get_settings()
-    uri = settings.tracking_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    uri = use_project_store()
     c = client()
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -261,14 +274,9 @@ def load_clinical_model(version: str | int = "champion", device: str = "cpu"):
     try:
         pkg = find_package(cache)
     except FileNotFoundError:
-        import mlflow
         import mlflow.artifacts
 
-        # ``models:/`` URIs resolve through the registry URI, and MLflow builds a client on the
-        # *tracking* URI too; both otherwise default to ./mlflow.db in the working directory (a fresh
-        # process would find no model, and leave a stray database wherever it was started).
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        mlflow.set_registry_uri(settings.tracking_uri)
+        use_project_store()
         tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=settings.state_dir))
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name()}/{mv.version}",

@@ -121,13 +121,9 @@ class DeviceResidentLoader:
     def __init__(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool, seed: int, device: str):
         import torch
 
-        def as_plain(x):
-            x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MONAI MetaTensor → torch.Tensor
-            return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-
         rows = [ds[i] for i in range(len(ds))]  # cached: no transform runs again
-        self.images = torch.stack([as_plain(r["image"]).float() for r in rows]).to(device)
-        self.vitals = torch.stack([as_plain(r["vitals"]).float() for r in rows]).to(device)
+        self.images = torch.stack([torch.as_tensor(r["image"]).float() for r in rows]).to(device)
+        self.vitals = torch.stack([torch.as_tensor(r["vitals"]).float() for r in rows]).to(device)
         self.labels = torch.as_tensor([int(r["label"]) for r in rows], dtype=torch.long).to(device)
         self.batch_size, self.shuffle, self.drop_last, self.device = batch_size, shuffle, drop_last, device
         self.generator = torch.Generator()

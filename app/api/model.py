@@ -21,12 +21,9 @@ _CARD_TAGS = ("status", "dataset_version", "git_commit", "trained_by", "register
 @functools.lru_cache(maxsize=16)
 def _registry_tags(name: str, version: str) -> tuple[tuple[str, str], ...]:
     try:
-        from mlflow import MlflowClient
+        from models.registry import client
 
-        from app.config import get_settings
-
-        uri = get_settings().tracking_uri
-        mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(name, version)
+        mv = client().get_model_version(name, version)
         return tuple(sorted((k, v) for k, v in (mv.tags or {}).items() if k in _CARD_TAGS))
     except Exception:
         return ()
