@@ -36,7 +36,7 @@ COPY models ./models
 COPY pipelines ./pipelines
 COPY compliance ./compliance
 RUN pip install . "psycopg2-binary==2.9.10" "boto3>=1.35,<2" \
- && python -c "import app.metrics, app.config; print('covid-cxr image ok')"
+ && python -c "import app.metrics, core.config; print('covid-cxr image ok')"
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/cxr cxr \
  && mkdir -p /var/lib/cxr && chown cxr /var/lib/cxr

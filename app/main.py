@@ -6,7 +6,8 @@ Research software, not a medical device. Layout:
   ``app.api.health`` — one router per resource;
 * ``app.auth`` — bearer tokens → role, permission table, per-request audit (``api.request``);
 * ``app.problems`` — RFC 9457 problem+json for every error, upload-size limit;
-* ``app.model_service`` — the champion, loaded at start (warm-up) and switched atomically when the
+* ``app.services.predictions`` — the one prediction service every entry point calls;
+* ``app.services.champion`` — the champion, loaded at start (warm-up) and switched atomically when the
   MLflow alias moves;
 * ``app.storage`` — predictions and outcomes (no PHI), committed before a 200;
 * ``app.metrics`` — Prometheus metrics (monitoring package).
@@ -20,7 +21,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.config import Settings, get_settings
+from core.config import Settings, get_settings
 
 log = logging.getLogger("cxr.api")
 
@@ -31,8 +32,9 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     else. ``model_service`` defaults to a ``ModelService`` polling the ``champion`` alias."""
     from app.api import audit, health, model, outcomes, predictions
     from app.auth import RequestAuditMiddleware
-    from app.model_service import ModelService
     from app.problems import UploadLimitMiddleware, install_problem_handlers
+    from app.services.champion import ModelService
+    from app.services.predictions import InputCache, PredictionService
 
     settings = settings or get_settings()
     svc = model_service or ModelService(poll_seconds=settings.champion_poll_seconds,
@@ -40,7 +42,7 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from compliance.db import get_engine
+        from core.db import get_engine
 
         get_engine()  # create tables before the first request
         svc.start()
@@ -59,9 +61,12 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     )
     app.state.settings = settings
     app.state.model_service = svc
-    app.state.input_cache = predictions.InputCache()
     # at most this many uploads are decoded at once (each full-size decode holds ~100 MB at 2k x 2k)
     app.state.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+    # the one prediction service: REST here, and every other entry point (DICOMweb, DICOM listener)
+    app.state.predictions = PredictionService(svc, settings, input_cache=InputCache(),
+                                              decode_slots=app.state.decode_slots)
+    app.state.input_cache = app.state.predictions.input_cache
     install_problem_handlers(app)
     for r in (predictions.router, outcomes.router, model.router, audit.router, health.router):
         app.include_router(r)

@@ -64,7 +64,7 @@ def _ensure_users() -> str:
 
 
 def _ensure_champion(home: Path) -> str:
-    from app.model_service import champion_version
+    from app.services.champion import champion_version
 
     v = champion_version()
     if v:
@@ -86,9 +86,9 @@ def _ensure_champion(home: Path) -> str:
 
 def _inputs() -> dict[str, bytes]:
     import numpy as np
+    from dicom_factory import make_dicom
     from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-    from dicom_factory import make_dicom
     from pipelines.synth import _anatomy, render_chest
 
     rng = np.random.default_rng(42)
@@ -119,7 +119,7 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
     the same machine load (the CPUs are shared); returns (raw, api) per input."""
     import httpx
 
-    from app.config import get_settings
+    from core.config import get_settings
     from models.preprocessing import parse_vitals
     from models.registry import load_clinical_model
 

@@ -130,7 +130,7 @@ def main() -> None:
     os.environ["CXR_HOME"] = str(tmp / "home")
     os.environ["CXR_PROJECT_ROOT"] = str(tmp / "project")
     (tmp / "project").mkdir()
-    from app.config import reset_settings
+    from core.config import reset_settings
 
     reset_settings()
     runs = []

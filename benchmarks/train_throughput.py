@@ -44,9 +44,9 @@ def _synthetic_items(n: int, root: Path, n_vit: int) -> list[dict]:
 
 
 def _dataset_items(name: str, n_vit: int) -> list[dict]:
+    from models.datasets import load_dataset
     from models.train import labelled, make_items
     from models.transforms import VitalsEncoder
-    from pipelines.datasets import load_dataset
 
     ds = load_dataset(name)
     frame = labelled(ds.manifest)

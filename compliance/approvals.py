@@ -25,11 +25,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Boolean, Integer, String, Text, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 
 from compliance.audit import canonical_json, list_events, record_event
-from compliance.db import Base, get_engine, session_scope
 from compliance.policy import check_release_policy, evaluate_policy
 from compliance.registry_access import (
     RegistryError,
@@ -51,6 +49,8 @@ from compliance.users import (
     authenticate_password,
     require_role,
 )
+from core.db import get_engine, session_scope
+from core.schema import ESignature
 
 CHAMPION = "champion"
 APPROVER_ROLES = ("approver",)
@@ -67,30 +67,6 @@ class ApprovalRefused(GovernanceError):
     """A release decision was refused (policy, status, separation of duties, missing reason)."""
 
 
-class ESignature(Base):
-    __tablename__ = "e_signatures"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    model: Mapped[str] = mapped_column(String(200))
-    version: Mapped[str] = mapped_column(String(20), index=True)
-    action: Mapped[str] = mapped_column(String(20))
-    meaning: Mapped[str] = mapped_column(String(200))
-    signer_name: Mapped[str] = mapped_column(String(64))
-    signer_full_name: Mapped[str] = mapped_column(String(200))
-    signer_role: Mapped[str] = mapped_column(String(40))
-    time_utc: Mapped[str] = mapped_column(String(40))
-    reason: Mapped[str] = mapped_column(Text)
-    policy_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    policy_passed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    policy_override_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    evaluation_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    from_version: Mapped[str | None] = mapped_column(String(20), nullable=True)
-    signature_sha256: Mapped[str] = mapped_column(String(64))
-    audit_seq: Mapped[int] = mapped_column(Integer)
-    audit_entry_hash: Mapped[str] = mapped_column(String(64))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {c.name: getattr(self, c.name) for c in self.__table__.columns}
 
 
 _SIGNED_FIELDS = ("id", "model", "version", "action", "meaning", "signer_name", "signer_full_name", "signer_role",

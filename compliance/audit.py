@@ -39,41 +39,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Integer, String, Text, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 
-from app.config import get_settings
-from compliance.db import Base, get_engine, session_scope
+from core.config import get_settings
+from core.db import get_engine, session_scope
+from core.schema import AuditEntry
 
 GENESIS_HASH = "0" * 64
 _append_lock = threading.Lock()
 
 
-class AuditEntry(Base):
-    __tablename__ = "audit_trail"
-
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    time_utc: Mapped[str] = mapped_column(String(40))
-    actor: Mapped[str] = mapped_column(String(200))
-    role: Mapped[str] = mapped_column(String(40))
-    action: Mapped[str] = mapped_column(String(80), index=True)
-    subject: Mapped[str] = mapped_column(String(200))
-    details: Mapped[str] = mapped_column(Text)  # canonical JSON
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    entry_hash: Mapped[str] = mapped_column(String(64))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "time_utc": self.time_utc,
-            "actor": self.actor,
-            "role": self.role,
-            "action": self.action,
-            "subject": self.subject,
-            "details": json.loads(self.details),
-            "prev_hash": self.prev_hash,
-            "entry_hash": self.entry_hash,
-        }
 
 
 def canonical_json(value: Any) -> str:

@@ -14,9 +14,10 @@ from typing import Any
 
 import yaml
 
-from app.config import acting_user, get_settings
 from compliance.audit import record_event
-from compliance.registry_access import RegistryError, evaluation_view, model_name, resolve_version
+from compliance.registry_access import RegistryError, evaluation_view, external_datasets, model_name, resolve_version  # noqa: F401 - external_datasets: part of the policy API
+from core.config import get_settings
+from core.identity import acting_user
 
 _OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
 
@@ -98,29 +99,6 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(f) else f
-
-
-def external_datasets(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Normalise ``evaluation['external']`` to {dataset name: evaluation-like dict}.
-
-    Accepts a mapping name → evaluation, a list of evaluations carrying ``dataset``/``name``, or a
-    single evaluation (has ``covid19_vs_rest``) under ``external``.
-    """
-    ext = evaluation.get("external")
-    if not ext or isinstance(ext, (bool, str, int, float)):  # a flag "this evaluation is external"
-        return {}
-    if isinstance(ext, list):
-        out = {}
-        for i, item in enumerate(ext):
-            if isinstance(item, dict):
-                name = str(item.get("dataset") or item.get("name") or item.get("dataset_name") or f"external-{i + 1}")
-                out[name] = item
-        return out
-    if isinstance(ext, dict):
-        if "covid19_vs_rest" in ext:
-            return {str(ext.get("dataset") or ext.get("name") or "external"): ext}
-        return {str(k): v for k, v in ext.items() if isinstance(v, dict)}
-    return {}
 
 
 def _evaluate_criterion(c: dict[str, Any], evaluation: dict[str, Any], tags: dict[str, str]) -> CriterionResult:

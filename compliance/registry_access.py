@@ -119,6 +119,29 @@ def load_external_evaluations(mv) -> dict[str, tuple[dict[str, Any], str]]:
     return out
 
 
+def external_datasets(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Normalise ``evaluation['external']`` to {dataset name: evaluation-like dict}.
+
+    Accepts a mapping name → evaluation, a list of evaluations carrying ``dataset``/``name``, or a
+    single evaluation (has ``covid19_vs_rest``) under ``external``.
+    """
+    ext = evaluation.get("external")
+    if not ext or isinstance(ext, (bool, str, int, float)):  # a flag "this evaluation is external"
+        return {}
+    if isinstance(ext, list):
+        out = {}
+        for i, item in enumerate(ext):
+            if isinstance(item, dict):
+                name = str(item.get("dataset") or item.get("name") or item.get("dataset_name") or f"external-{i + 1}")
+                out[name] = item
+        return out
+    if isinstance(ext, dict):
+        if "covid19_vs_rest" in ext:
+            return {str(ext.get("dataset") or ext.get("name") or "external"): ext}
+        return {str(k): v for k, v in ext.items() if isinstance(v, dict)}
+    return {}
+
+
 def evaluation_view(mv) -> tuple[dict[str, Any], str, dict[str, str]]:
     """(evaluation with ``external`` normalised to {dataset: evaluation}, sha256 of evaluation.json,
     {dataset: sha256} of the separately logged external evaluations).
@@ -126,8 +149,6 @@ def evaluation_view(mv) -> tuple[dict[str, Any], str, dict[str, str]]:
     External results come from ``evaluation.json['external']`` when it is a mapping/list of
     evaluations, and from the ``evaluation/external/*.json`` run artefacts (these win on a name clash).
     """
-    from compliance.policy import external_datasets
-
     evaluation, sha = load_evaluation(mv)
     view = dict(evaluation)
     external = external_datasets(evaluation)

@@ -23,8 +23,8 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from compliance.audit import list_events, record_event, verify_chain
-from compliance.db import get_engine
 from compliance.users import GovernanceError
+from core.db import get_engine
 
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 SCHEMA_VERSION = "1.0"
@@ -229,8 +229,8 @@ def _governance_alerts() -> list[dict[str, Any]]:
 
 def build_report(start: str | date | datetime, end: str | date | datetime, *, actor: str = "unknown") -> dict[str, Any]:
     """The report as a dict (what the JSON export writes); nothing is recorded."""
-    from app.config import get_settings
     from compliance.policy import load_policy
+    from core.config import get_settings
 
     s, e = _iso(start), _iso(end, end=True)
     if s >= e:
@@ -520,8 +520,8 @@ def export_report(start: str | date | datetime, end: str | date | datetime, fmt:
                   actor: str | None = None) -> Path:
     """Write the report for [start, end] (a date ``end`` is inclusive) as pdf|csv|json to ``out``;
     audit ``report.exported``. Returns the path written."""
-    from app.config import acting_user
     from compliance.users import get_user
+    from core.identity import acting_user
 
     if fmt not in FORMATS:
         raise ReportError(f"unknown report format {fmt!r}: expected one of {', '.join(FORMATS)}")

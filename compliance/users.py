@@ -21,11 +21,11 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
-from sqlalchemy import Boolean, ForeignKey, Integer, String, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 
 from compliance.audit import record_event
-from compliance.db import Base, session_scope
+from core.db import session_scope
+from core.schema import ApiToken, User
 
 ROLES: tuple[str, ...] = ("clinician", "researcher", "approver", "compliance_officer", "admin")
 
@@ -58,42 +58,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class User(Base):
-    __tablename__ = "users"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    full_name: Mapped[str] = mapped_column(String(200))
-    role: Mapped[str] = mapped_column(String(40))
-    password_hash: Mapped[str] = mapped_column(String(300))
-    active: Mapped[bool] = mapped_column(Boolean, default=True)
-    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
-    locked: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[str] = mapped_column(String(40))
-    created_by: Mapped[str] = mapped_column(String(200))
-    disabled_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "full_name": self.full_name, "role": self.role, "active": self.active,
-                "locked": self.locked, "created_at": self.created_at, "created_by": self.created_by,
-                "disabled_at": self.disabled_at}
-
-    def __repr__(self) -> str:  # never shows the hash
-        return f"User(name={self.name!r}, role={self.role!r}, active={self.active})"
 
 
-class ApiToken(Base):
-    __tablename__ = "api_tokens"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    token_id: Mapped[str] = mapped_column(String(16), unique=True, index=True)  # public handle
-    token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    issued_at: Mapped[str] = mapped_column(String(40))
-    issued_by: Mapped[str] = mapped_column(String(200))
-    expires_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    revoked_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    revoked_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 # --------------------------------------------------------------------------- passwords

@@ -7,7 +7,7 @@ Public API
 - ``fit_temperature(logits, labels) -> float``, ``choose_threshold(p_covid, is_covid, target) -> dict``,
   ``expected_calibration_error(probs, labels) -> float``.
 - ``write_plots(evaluation, out_dir, curves) -> list[Path]``: ``roc.png``, ``reliability.png``, ``confusion.png``.
-- ``evaluate_model_version(model_version="champion", dataset_name=..., split=None, out=None, ...) -> dict``:
+- (``models.validation``) ``evaluate_model_version(model_version="champion", dataset_name=..., split=None, out=None, ...) -> dict``:
   what ``cxr evaluate`` runs: a registered version on a dataset. If the dataset is the one the
   version was trained on, its ``test`` split; otherwise (external validation) every labelled row.
   Logs ``evaluation/external/<dataset>.json`` (+ plots) on the version's run and audits ``model.evaluated``.
@@ -375,71 +375,6 @@ def write_plots(evaluation: dict, out_dir: Path, curves: dict) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
-
-
-# ------------------------------------------------------------------------ registered-version path
-def labelled_rows(manifest, split: str | None):
-    df = manifest[manifest["label"].isin(CLASSES)]
-    if split and split != "all":
-        df = df[df["split"] == split]
-    return df.reset_index(drop=True)
-
-
-def evaluate_model_version(model_version: str | int = "champion", dataset_name: str = "", *,
-                           split: str | None = None, out: str | Path | None = None, seed: int = 0,
-                           n_bootstrap: int = 1000, actor: str | None = None, log_to_mlflow: bool = True) -> dict:
-    """Evaluate a registered version on a dataset (``cxr evaluate``); returns the evaluation dict.
-
-    ``split=None``: the ``test`` split when the dataset is the version's training dataset, else every
-    labelled row (external validation). Writes ``evaluation.json`` + PNGs to ``out`` (a file path; the
-    PNGs go beside it) or ``CXR_HOME/evaluations/<model>/v<version>/<dataset>/``.
-    """
-    import json
-
-    from app.config import acting_user, get_settings
-    from models import registry
-    from pipelines.datasets import load_dataset
-
-    actor = acting_user(actor)
-    model = registry.load_clinical_model(model_version)
-    ds = load_dataset(dataset_name)
-    trained_on = model.config.get("training", {}).get("dataset")
-    external = trained_on != dataset_name
-    if split is None:
-        split = "all" if external else "test"
-    rows = labelled_rows(ds.manifest, split)
-    images = [ds.array(r) for _, r in rows.iterrows()]
-    vitals = rows.to_dict("records")
-    logits = model.logits(images, vitals) if len(rows) else np.zeros((0, len(CLASSES)))
-    labels = rows["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=int)
-    evaluation, curves = evaluate_predictions(
-        labels, logits, temperature=model.temperature, threshold=model.operating_threshold,
-        patient_ids=rows["patient_id"].astype(str).tolist(), meta=rows, n_bootstrap=n_bootstrap, seed=seed,
-        threshold_selection=model.config.get("threshold_selection"))
-    evaluation.update({"dataset": dataset_name, "dataset_version": ds.version.get("dataset_version"),
-                       "split": split, "is_external": external, "model_name": model.name,
-                       "model_version": model.version, "trained_on": trained_on})
-    if out:
-        out_path = Path(out)
-    else:
-        out_path = (get_settings().state_dir / "evaluations" / model.name / f"v{model.version}" / dataset_name
-                    / "evaluation.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(evaluation, indent=2, default=_json_default))
-    plot_dir = out_path.parent
-    plots = write_plots(evaluation, plot_dir, curves)
-    evaluation["artifacts"] = {"evaluation_json": str(out_path), "plots": [str(p) for p in plots]}
-    if log_to_mlflow and model.run_id:
-        registry.log_external_evaluation(model.version, dataset_name, split, evaluation, plots)
-    from compliance.audit import record_event
-
-    record_event("model.evaluated", actor=actor, role=registry.actor_role(actor), subject=f"model:{model.version}",
-                 details={"model": model.name, "model_version": model.version, "dataset": dataset_name,
-                          "dataset_version": evaluation["dataset_version"], "split": split,
-                          "external": external, "n_images": evaluation["n_images"],
-                          "n_patients": evaluation["n_patients"],
-                          "auroc": evaluation["covid19_vs_rest"]["auroc"]["value"]})
-    return evaluation
 
 
 def _json_default(o):

@@ -188,7 +188,7 @@ def _read_source(source: Any) -> bytes:
 
 def _default_max_pixels() -> int:
     try:
-        from app.config import get_settings
+        from core.config import get_settings
 
         return int(get_settings().max_image_pixels)
     except Exception:  # noqa: BLE001 - settings unavailable: the documented default

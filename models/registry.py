@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.config import get_settings
+from core.config import get_settings
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -167,17 +167,6 @@ def set_status(version: str | int, status: str, actor: str | None = None) -> Non
     c.set_model_version_tag(model_name(), v, "status", status)
     if actor:
         c.set_model_version_tag(model_name(), v, "status_set_by", actor)
-
-
-def actor_role(actor: str) -> str:
-    """The acting user's role from the user store (``unknown`` for an unregistered OS user)."""
-    try:
-        from compliance.users import get_user
-
-        user = get_user(actor)
-        return user.role if user else "unknown"
-    except Exception:  # noqa: BLE001 - user store not initialised
-        return "unknown"
 
 
 def register_version(model_uri: str, *, tags: dict[str, str], description: str = "") -> str:

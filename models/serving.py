@@ -44,9 +44,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import mlflow.pyfunc
+import numpy as np
 
 PACKAGE_FORMAT = 1
 WEIGHTS = "weights.pt"

@@ -17,8 +17,9 @@ target_sensitivity, actor, resume, ...) -> {"model_version", "run_id", "dataset_
   version of ``covid-cxr`` (``status=candidate``).
 - GPU: bf16 autocast, channels_last, cudnn.benchmark (unless deterministic), MONAI CacheDataset +
   ThreadDataLoader. CPU: deterministic algorithms, single-process loading.
-- Audit: ``training.started``, ``training.finished`` (also on failure), ``model.registered``,
-  ``model.evaluated``.
+- Lifecycle events: ``training.started``, ``training.finished`` (also on failure), ``model.registered``,
+  ``model.evaluated`` are handed to ``on_event(action, subject, details)``; the model library records
+  nothing itself: the caller (``pipelines.lifecycle``) writes them to the audit trail.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from models.events import EventSink, no_event
 from models.network import CLASSES, normalise_modalities
 
 
@@ -275,7 +277,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _checkpoint_dir(dataset_name: str, key: dict) -> Path:
-    from app.config import get_settings
+    from core.config import get_settings
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return get_settings().state_dir / "checkpoints" / dataset_name / digest
@@ -288,24 +290,26 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
           resume: bool = False, lr: float | None = None, weight_decay: float = 1e-4, patience: int = 5,
           n_bootstrap: int = 1000, deterministic: bool | None = None, num_workers: int | None = None,
           external: Sequence[str] = (), show_progress: bool = True, augment: str = "auto",
-          on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+          on_epoch_end: Callable[[int, dict], None] | None = None,
+          on_event: EventSink | None = None) -> dict:
     """Train, evaluate, log and register; returns ``{"model_version", "run_id", "dataset_version",
     "dataset", "evaluation", "history", "checkpoint"}``. Raises ``TrainingError`` for bad input."""
     import mlflow
     import torch
     from rich.console import Console
 
-    from app.config import acting_user, get_settings, git_commit
-    from compliance.audit import record_event
+    from core.config import get_settings
+    from core.identity import acting_user
+    from core.lineage import git_commit
     from models import registry
+    from models.datasets import DatasetNotFound, load_dataset
     from models.network import FusionNet
     from models.transforms import VitalsEncoder, eval_transforms, train_transforms
-    from pipelines.datasets import DatasetNotFound, load_dataset
 
     console = Console(stderr=True, quiet=not show_progress)
     settings = get_settings()
     actor = acting_user(actor)
-    role = registry.actor_role(actor)
+    emit = on_event or no_event
     modalities = normalise_modalities(modalities)
     if epochs < 1 or image_size < 16 or batch_size < 1:
         raise TrainingError("epochs ≥ 1, image size ≥ 16 and batch size ≥ 1 are required")
@@ -441,7 +445,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
                             if resumed_from is not None else {}),
                          **{f"system.{k}": str(v) for k, v in sysinfo.items()}})
         mlflow.log_dict(sysinfo, "system/system_info.json")
-        record_event("training.started", actor=actor, role=role, subject=f"dataset/{dataset_name}",
+        emit("training.started", subject=f"dataset/{dataset_name}",
                      details={"dataset": dataset_name, "dataset_version": dataset_version, "run_id": run_id,
                               "encoder": encoder, "image_size": image_size, "epochs": epochs, "seed": seed,
                               "modalities": list(modalities), "device": device, "resumed_after_epoch": resumed_from,
@@ -458,7 +462,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
         return result
     except BaseException as exc:
         mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        record_event("training.finished", actor=actor, role=role, subject=f"dataset/{dataset_name}",
+        emit("training.finished", subject=f"dataset/{dataset_name}",
                      details={"run_id": run_id, "status": "failed", "error": type(exc).__name__,
                               "epochs_completed": state["epoch"], "checkpoint": str(ckpt_path)})
         raise
@@ -471,19 +475,17 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
 def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, val_loader, train_tf, seed, device,
                      modalities, class_weights, use_amp, ckpt_dir, ckpt_path, console, show_progress,
                      on_epoch_end, splits, ds, vitals_encoder, encoder, image_size, dataset_name, dataset_version,
-                     target_sensitivity, n_bootstrap, actor, role, run_id, commit, fingerprint, external,
+                     target_sensitivity, n_bootstrap, actor, emit, run_id, commit, fingerprint, external,
                      cache_seconds, warnings, params, augment, **_unused) -> dict:
     import mlflow
     import torch
     import torch.nn.functional as F
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from app.config import get_settings
-    from compliance.audit import record_event
+    from core.config import get_settings
     from models import registry
     from models.evaluate import _json_default, choose_threshold, evaluate_predictions, fit_temperature, write_plots
-    from models.serving import (ClinicalModel, CovidCxrPyfunc, pyfunc_input_example, pyfunc_signature,
-                                save_package)
+    from models.serving import ClinicalModel, CovidCxrPyfunc, pyfunc_input_example, pyfunc_signature, save_package
     from models.transforms import device_augment
 
     settings = get_settings()
@@ -632,7 +634,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
         description=f"FusionNet ({encoder}, {','.join(modalities)}, {image_size}px) trained on {dataset_name} "
                     f"({dataset_version}); research use only")
     mlflow.set_tag("model_version", version)
-    record_event("model.registered", actor=actor, role=role, subject=f"model/{registry.model_name()}/{version}",
+    emit("model.registered", subject=f"model/{registry.model_name()}/{version}",
                  details={"model": registry.model_name(), "version": version, "run_id": run_id,
                           "dataset": dataset_name, "dataset_version": dataset_version, "git_commit": commit,
                           "status": "candidate"})
@@ -672,7 +674,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                   "test_ece_after": evaluation["calibration"]["ece_after"] or 0.0,
                   "best_epoch": state["best_epoch"]})
     mlflow.log_metrics(final)
-    record_event("model.evaluated", actor=actor, role=role, subject=f"model/{registry.model_name()}/{version}",
+    emit("model.evaluated", subject=f"model/{registry.model_name()}/{version}",
                  details={"model": registry.model_name(), "model_version": version, "dataset": dataset_name,
                           "dataset_version": dataset_version, "split": "test", "is_external": False,
                           "n_images": evaluation["n_images"], "n_patients": evaluation["n_patients"],
@@ -681,12 +683,12 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     for name in external:
         if name == dataset_name:
             continue
-        from models.evaluate import evaluate_model_version
+        from models.validation import evaluate_model_version
 
-        ext = evaluate_model_version(version, name, seed=seed, n_bootstrap=n_bootstrap, actor=actor)
+        ext = evaluate_model_version(version, name, seed=seed, n_bootstrap=n_bootstrap, on_event=emit)
         external_results[name] = {k: ext[k] for k in ("covid19_vs_rest", "calibration", "n_images", "n_patients",
                                                       "dataset_version", "per_class_auroc")}
-    record_event("training.finished", actor=actor, role=role, subject=f"model/{registry.model_name()}/{version}",
+    emit("training.finished", subject=f"model/{registry.model_name()}/{version}",
                  details={"run_id": run_id, "status": "finished", "model_version": version,
                           "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
                           "dataset_version": dataset_version, "test_auroc": cvr["auroc"]["value"]})

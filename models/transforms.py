@@ -154,8 +154,15 @@ def eval_transforms(size: int):
 
 def train_transforms(size: int):
     """Eval path + augmentation (training only; the random part runs after CacheDataset's cache)."""
-    from monai.transforms import (Compose, EnsureTyped, RandAdjustContrastd, RandAffined, RandGaussianNoised,
-                                  Resized, ScaleIntensityRanged)
+    from monai.transforms import (
+        Compose,
+        EnsureTyped,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianNoised,
+        Resized,
+        ScaleIntensityRanged,
+    )
 
     return Compose([
         LoadArrayd(keys=("image",)),

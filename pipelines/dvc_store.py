@@ -17,9 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-from app.config import get_settings
+from core.config import get_settings
+from models.datasets import dataset_md5, dvc_file  # noqa: F401 - re-exported: the reading side lives with the reader
 
 LOCAL_REMOTE_NAME = "cxr-local"
 
@@ -99,11 +98,6 @@ def default_remote(root: Path) -> str | None:
     return Config(str(Path(root) / ".dvc")).read().get("core", {}).get("remote") or None
 
 
-def dvc_file(name: str, root: Path | None = None) -> Path:
-    root = Path(root or get_settings().project_root)
-    return root / "data" / f"{name}.dvc"
-
-
 def track_dataset(name: str, root: Path | None = None, push: bool = True) -> str:
     """``dvc add data/<name>`` (+ ``dvc push``); returns the dataset's DVC md5."""
     root = ensure_dvc_repo(root)
@@ -114,16 +108,6 @@ def track_dataset(name: str, root: Path | None = None, push: bool = True) -> str
     if push:
         run_dvc(["push", "-q", f"data/{name}.dvc"], root)
     return dataset_md5(name, root)
-
-
-def dataset_md5(name: str, root: Path | None = None) -> str | None:
-    """The md5 DVC recorded for ``data/<name>`` (e.g. ``3f2a….dir``), or None if untracked."""
-    path = dvc_file(name, root)
-    if not path.exists():
-        return None
-    doc = yaml.safe_load(path.read_text()) or {}
-    outs = doc.get("outs") or []
-    return outs[0].get("md5") if outs else None
 
 
 def pull_dataset(name: str, root: Path | None = None) -> None:

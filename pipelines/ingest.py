@@ -45,7 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from app.config import acting_user, get_settings, git_commit
+from core.config import get_settings
+from core.identity import acting_user
+from core.lineage import git_commit
 
 PUBLIC_SOURCE = "covid-chestxray-dataset"
 DICOM_SOURCE = "dicom"
@@ -811,7 +813,7 @@ def add_batch(source: Path, name: str, *, tag: str, seed: int = 42, actor: str |
     import pandas as pd
 
     from compliance.audit import record_event
-    from pipelines.datasets import read_manifest_metadata
+    from models.datasets import read_manifest_metadata
 
     _validate_name(name)
     actor = acting_user(actor)

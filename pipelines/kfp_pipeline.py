@@ -207,7 +207,7 @@ def run_local(*, dataset_name: str, external_datasets: list[str] | None = None, 
     """Run the pipeline with kfp's local SubprocessRunner in this interpreter (offline). Returns the state."""
     from kfp import local
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     workdir = Path(workdir or get_settings().state_dir / "kfp-local")
     workdir.mkdir(parents=True, exist_ok=True)

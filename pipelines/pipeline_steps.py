@@ -54,7 +54,7 @@ def _client():
 
 
 def _pipeline_experiment_id(client) -> str:
-    from app.config import get_settings
+    from core.config import get_settings
 
     exp = client.get_experiment_by_name(PIPELINE_EXPERIMENT)
     if exp is not None:
@@ -111,20 +111,11 @@ def _dumps(state: dict) -> str:
     return json.dumps(state, sort_keys=True, default=_json_default)
 
 
-def _role(actor: str) -> str:
-    try:
-        from compliance.users import get_user
-
-        user = get_user(actor)
-        return user.role if user else "unknown"
-    except Exception:  # noqa: BLE001 - the users table is optional for a pipeline run
-        return "unknown"
-
-
 def _audit(action: str, *, actor: str, subject: str, details: dict, role: str | None = None) -> None:
     from compliance.audit import record_event
+    from pipelines.lifecycle import actor_role
 
-    role = role or _role(actor)
+    role = role or actor_role(actor)
     record_event(action, actor=actor, role=role, subject=subject,
                  details=json.loads(json.dumps(details, default=_json_default)))
 
@@ -134,7 +125,7 @@ def ensure_dataset_present(name: str) -> None:
 
     Locally the dataset is already in the working tree and this does nothing.
     """
-    from app.config import get_settings
+    from core.config import get_settings
 
     data = get_settings().data_dir
     if (data / name / "manifest.parquet").exists() or not (data / f"{name}.dvc").exists():
@@ -145,7 +136,7 @@ def ensure_dataset_present(name: str) -> None:
 
 
 def _model_subject(version: str) -> str:
-    from app.config import get_settings
+    from core.config import get_settings
 
     return f"model/{get_settings().registered_model_name}/{version}"
 
@@ -212,7 +203,7 @@ def validate_manifest(manifest, dataset_root: Path, *, min_train: int, min_val: 
 
 def _dvc_hash_present(name: str, version: dict) -> list[str]:
     """The DVC hash is recorded (``data/NAME.dvc``) and its object is in the cache or the local remote."""
-    from app.config import get_settings
+    from core.config import get_settings
 
     s = get_settings()
     problems = []
@@ -233,8 +224,9 @@ def _dvc_hash_present(name: str, version: dict) -> list[str]:
 
 
 def step_validate(dataset_name: str, external_datasets: str, params: str) -> str:
-    from app.config import get_settings, git_commit
-    from pipelines.datasets import load_dataset
+    from core.config import get_settings
+    from core.lineage import git_commit
+    from models.datasets import load_dataset
 
     p = json.loads(params)
     externals = json.loads(external_datasets or "[]")
@@ -359,7 +351,7 @@ def record_lineage_on_run(client, run_id: str, lineage: dict) -> None:
 
 
 def step_train(state_json: str) -> str:
-    from models.train import train
+    from pipelines.lifecycle import train_and_record
 
     state = json.loads(state_json)
     p = state["params"]
@@ -369,7 +361,7 @@ def step_train(state_json: str) -> str:
         kwargs = _train_kwargs(p)
         state["train_kwargs"] = kwargs
         client.set_tag(state["pipeline_run_id"], "device", kwargs.get("device", "cpu"))
-        result = train(state["dataset_name"], **kwargs)
+        result = train_and_record(state["dataset_name"], **kwargs)
         result = json.loads(json.dumps(result, default=_json_default))
         version = str(result["model_version"])
         state["model_version"] = version
@@ -387,7 +379,7 @@ def step_train(state_json: str) -> str:
         run_id = state["pipeline_run_id"]
         client.set_tag(run_id, "training_run_id", result["run_id"])
         client.set_tag(run_id, "model_version", version)
-        from app.config import get_settings
+        from core.config import get_settings
 
         name = get_settings().registered_model_name
         client.set_model_version_tag(name, version, "pipeline_run_id", run_id)
@@ -401,15 +393,15 @@ def step_train(state_json: str) -> str:
 
 def _evaluate_version(version: str, dataset: str, *, split: str | None, seed: int, n_bootstrap: int,
                       actor: str, internal: bool) -> dict:
-    """``models.evaluate.evaluate_model_version`` for one (version, dataset).
+    """``models.validation.evaluate_model_version`` for one (version, dataset), audited.
 
-    External sets are logged on the version's run by models.evaluate (``evaluation/external/...``,
+    External sets are logged on the version's run by models.validation (``evaluation/external/...``,
     which the release policy reads); the internal test split was already logged by training.
     """
-    from models.evaluate import evaluate_model_version
+    from pipelines.lifecycle import evaluate_and_record
 
-    return evaluate_model_version(model_version=version, dataset_name=dataset, split=split, seed=seed,
-                                  n_bootstrap=n_bootstrap, actor=actor, log_to_mlflow=not internal)
+    return evaluate_and_record(version, dataset, split=split, seed=seed, n_bootstrap=n_bootstrap, actor=actor,
+                               log_to_mlflow=not internal)
 
 
 def _test_sets(state: dict) -> list[tuple[str, str | None]]:
@@ -479,7 +471,7 @@ def step_compare(state_json: str) -> str:
 
 
 def step_register(state_json: str) -> str:
-    from app.config import get_settings
+    from core.config import get_settings
 
     state = json.loads(state_json)
     p = state["params"]
@@ -496,8 +488,9 @@ def step_register(state_json: str) -> str:
         actor = p.get("actor", "pipeline")
         # governance's alias mover audits ``alias.changed`` (MLflow keeps no alias history)
         from compliance.registry_access import move_alias
+        from pipelines.lifecycle import actor_role
 
-        previous = move_alias("challenger", version, actor=actor, role=_role(actor),
+        previous = move_alias("challenger", version, actor=actor, role=actor_role(actor),
                               reason=f"pipeline run {state['pipeline_run_id']}", cause="pipeline.run")
         state["registered"] = {"model": name, "version": version, "status": "candidate", "alias": "challenger",
                                "previous_challenger": previous}

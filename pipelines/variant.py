@@ -32,7 +32,7 @@ def predict_dataset(version, ds, split: str | None = "test", model=None, batch: 
     Returns one row per image: ``image_hash``, ``patient_id``, ``label``, ``variant``, ``site``,
     ``y`` (1 = covid19), ``p_covid19``, ``positive`` (decision at the model's operating threshold).
     """
-    from pipelines.datasets import TRAINABLE_LABELS
+    from models.datasets import TRAINABLE_LABELS
 
     if model is None:
         from models.registry import load_clinical_model
@@ -166,8 +166,8 @@ def compare_champion_challenger(challenger_version, test_sets: list[tuple[str, s
                                 champion: str | None = "champion", n_bootstrap: int = 1000,
                                 seed: int = 0) -> dict:
     """The comparison report over ``test_sets`` ((dataset, split or None for all labelled rows))."""
+    from models.datasets import load_dataset
     from models.registry import load_clinical_model
-    from pipelines.datasets import load_dataset
 
     challenger_version = str(challenger_version)
     champion_version = _champion_version(champion)

@@ -63,7 +63,7 @@ def ensure_mlflow_db() -> None:
     """Give this test's CXR_HOME an MLflow SQLite store: a copy of one migrated empty store made once
     per test process (creating a store runs MLflow's ~50 schema migrations: seconds each time)."""
     global _TEMPLATE_DB
-    from app.config import get_settings
+    from core.config import get_settings
 
     s = get_settings()
     target = s.state_dir / "mlflow.db"
@@ -85,7 +85,7 @@ def make_version(evaluation: dict[str, Any] | None, *, trained_by: str = "rita",
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     ensure_mlflow_db()
     s = get_settings()
@@ -116,7 +116,7 @@ def make_version(evaluation: dict[str, Any] | None, *, trained_by: str = "rita",
 def mlflow_client():
     from mlflow import MlflowClient
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     ensure_mlflow_db()
     s = get_settings()

@@ -54,7 +54,7 @@ def synth(out: Path, *, patients: int, seed: int, variant: str | None = None, im
 
 def import_cohort(tmp: Path, name: str = "cohort", *, patients: int = 30, seed: int = 3) -> dict:
     """Synthesize + import + DVC-track + git-commit a cohort; returns its dataset version."""
-    from pipelines.datasets import dataset_version
+    from models.datasets import dataset_version
     from pipelines.ingest import import_dataset
 
     project = tmp / "project"

@@ -55,8 +55,8 @@ class ApiEnv:
         """Register the champion's run again as a new version and approve it (a real alias move)."""
         from mlflow import MlflowClient
 
-        from app.config import get_settings
         from compliance.approvals import approve_model_version
+        from core.config import get_settings
 
         s = get_settings()
         c = MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
@@ -73,8 +73,8 @@ class ApiEnv:
 
 
 def _reset() -> None:
-    from app.config import reset_settings
-    from compliance.db import dispose_engines
+    from core.config import reset_settings
+    from core.db import dispose_engines
 
     dispose_engines()
     reset_settings()

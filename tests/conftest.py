@@ -14,8 +14,8 @@ SHARED_DATA = (REPO_ROOT.parent / "shared" / "data" / "covid-chestxray-dataset")
 
 
 def _reset() -> None:
-    from app.config import reset_settings
-    from compliance.db import dispose_engines
+    from core.config import reset_settings
+    from core.db import dispose_engines
 
     dispose_engines()
     reset_settings()

@@ -92,8 +92,8 @@ def test_expected_covers_every_case():
 def client(api_env):  # noqa: F811
     from fastapi.testclient import TestClient
 
-    from app.config import Settings
     from app.main import create_app
+    from core.config import Settings
 
     app = create_app(Settings(max_upload_bytes=300_000))
     with TestClient(app, raise_server_exceptions=False) as c:

@@ -129,9 +129,9 @@ def test_load_with_champion_switch(api_env, server):  # noqa: F811
 
 
 def test_crash_sigkill_mid_load(api_env, server):  # noqa: F811
-    from app.config import reset_settings
     from compliance.audit import list_events, verify_chain
-    from compliance.db import dispose_engines
+    from core.config import reset_settings
+    from core.db import dispose_engines
 
     results: list = []
     errors: list = []

@@ -28,7 +28,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 @pytest.fixture(scope="module")
 def started(api_env):  # noqa: F811
-    from compliance.db import get_engine
+    from core.db import get_engine
 
     get_engine()
     svc = APP.state.model_service

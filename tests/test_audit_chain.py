@@ -74,8 +74,8 @@ def test_reorder_is_detected(trail):
 
 def test_keyed_mode_rejects_rehashed_chain(trail, monkeypatch):
     """An attacker with DB access rewrites an entry and recomputes plain SHA-256 hashes: keyed mode catches it."""
-    from app.config import reset_settings
     from compliance.audit import compute_entry_hash, record_event, verify_chain
+    from core.config import reset_settings
 
     monkeypatch.setenv("CXR_AUDIT_HMAC_KEY", "k" * 32)
     reset_settings()

@@ -106,7 +106,7 @@ def _published(svc: dict) -> dict[int, int]:
 
 
 def test_api_environment_matches_app_settings(rendered, raw):
-    from app.config import Settings
+    from core.config import Settings
 
     fields = set(Settings.model_fields)
     api = rendered["services"]["api"]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import typer
+from dicom_factory import FAKE_PATIENT_NAME, JPEG2000Lossless, make_dicom
 from typer.testing import CliRunner
 
-from dicom_factory import FAKE_PATIENT_NAME, JPEG2000Lossless, make_dicom
 from pipelines import data_cli
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,28 +11,28 @@ import io
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-
 from dicom_factory import (
     DX_SOP_CLASS,
     FAKE_PATIENT_NAME,
     JPEG2000,
-    JPEGBaseline8Bit,
-    JPEGLSNearLossless,
     LOSSLESS,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
     make_dicom,
-    rewrap_as_chest,
     pattern_pixels,
+    rewrap_as_chest,
 )
+from PIL import Image
+
 from models.preprocessing import DecodedImage, ImageRefused, decode_dicom, load_png, prepare_image
 
 LOSSLESS_SYNTAXES = [

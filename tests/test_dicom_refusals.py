@@ -7,9 +7,9 @@ import tracemalloc
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, JPEG2000Lossless, RLELossless, make_dicom, rewrap_as_chest
 from PIL import Image
 
-from dicom_factory import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, JPEG2000Lossless, RLELossless, make_dicom, rewrap_as_chest
 from models.preprocessing import DecodedImage, ImageRefused, decode_dicom
 
 
@@ -74,7 +74,7 @@ def test_pixel_limit_is_configurable(cxr_env, monkeypatch):
     data = make_dicom(rows=64, cols=64)
     assert _refusal(data, max_pixels=64 * 64 - 1).code == "too-many-pixels"
     assert decode_dicom(data, max_pixels=64 * 64).shape == (64, 64)
-    from app.config import reset_settings
+    from core.config import reset_settings
 
     monkeypatch.setenv("CXR_MAX_IMAGE_PIXELS", "1000")
     reset_settings()

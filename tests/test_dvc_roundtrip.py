@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from test_import_dicom import VITAL_HEADER, vitals_row, write_dicom
 
 
@@ -50,13 +49,12 @@ def _sha(path: Path) -> str:
 
 
 def test_dvc_push_pull_versions_and_add_batch(cxr_env: Path, git_project: Path):
+    import pandas as pd
     import typer
     from typer.testing import CliRunner
 
-    import pandas as pd
-
-    from pipelines.data_import_cli import register_data_commands
-    from pipelines.datasets import dataset_version, load_dataset
+    from app.cli.data_import import register_data_commands
+    from models.datasets import dataset_version, load_dataset
     from pipelines.dvc_store import checkout_dataset, dataset_md5, pull_dataset
     from pipelines.ingest import add_batch, import_dataset
 

@@ -14,16 +14,15 @@ import sys
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from _governance_fixtures import GOOD_EVALUATION, ensure_mlflow_db, failing_evaluation, make_version, mlflow_client
+from typer.testing import CliRunner
 
 PW = {"root": "root-password-1", "rita": "rita-password-1", "alice": "alice-password-1",
       "carol": "carol-password-1"}
 
 
 def _cli() -> typer.Typer:
-    from compliance.cli import register
+    from app.cli.governance import register
 
     app = typer.Typer()
     register(app)

@@ -107,14 +107,13 @@ def _all_output_files(*roots: Path) -> list[Path]:
 
 
 def test_dicom_import_validates_deidentifies_and_splits(cxr_env: Path):
-    from compliance.audit import list_events, verify_chain
-    from pipelines.datasets import load_dataset
-    from pipelines.ingest import import_dataset
-
     import typer
     from typer.testing import CliRunner
 
-    from pipelines.data_import_cli import register_data_commands
+    from app.cli.data_import import register_data_commands
+    from compliance.audit import list_events, verify_chain
+    from models.datasets import load_dataset
+    from pipelines.ingest import import_dataset
 
     src = cxr_env / "source"
     rows = build_folder(src)
@@ -201,7 +200,7 @@ def test_dicom_import_validates_deidentifies_and_splits(cxr_env: Path):
 
 
 def test_plain_dicom_folder_without_index(cxr_env: Path):
-    from pipelines.datasets import load_dataset
+    from models.datasets import load_dataset
     from pipelines.ingest import import_dataset
 
     src = cxr_env / "plain"
@@ -223,7 +222,7 @@ def test_cli_errors_are_messages_not_tracebacks(cxr_env: Path):
     import typer
     from typer.testing import CliRunner
 
-    from pipelines.data_import_cli import register_data_commands
+    from app.cli.data_import import register_data_commands
 
     app = typer.Typer()
     register_data_commands(app)
@@ -242,7 +241,7 @@ def test_synthetic_cohort_headers_leave_no_trace(cxr_env: Path):
     birth dates, UIDs, institution) is absent from every output file."""
     import pydicom
 
-    from pipelines.datasets import load_dataset
+    from models.datasets import load_dataset
     from pipelines.ingest import import_dataset
     from pipelines.synth import synthesize_cohort
 
@@ -284,7 +283,7 @@ def test_synthetic_cohort_headers_leave_no_trace(cxr_env: Path):
 
 
 def test_labels_sidecar_and_unknown_label(cxr_env: Path):
-    from pipelines.datasets import load_dataset
+    from models.datasets import load_dataset
     from pipelines.ingest import import_dataset, map_finding
 
     src = cxr_env / "side"

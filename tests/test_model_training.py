@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from model_fixtures import write_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +25,8 @@ CLI_ARGS = ["--epochs", "8", "--image-size", "64", "--encoder", "small", "--batc
 
 
 def _use_state(mp: pytest.MonkeyPatch, home: Path, project: Path) -> None:
-    from app.config import reset_settings
-    from compliance.db import dispose_engines
+    from core.config import reset_settings
+    from core.db import dispose_engines
 
     home.mkdir(parents=True, exist_ok=True)
     mp.setenv("CXR_HOME", str(home))
@@ -49,13 +48,14 @@ def trained(tmp_path_factory):
     write_synthetic_dataset(project, "synthtest", n_patients=90, seed=0)
     mp = pytest.MonkeyPatch()
     _use_state(mp, base / "home", project)
-    from models.train import train
+    # the lifecycle's training: the model library's run, its events written to the audit trail
+    from pipelines.lifecycle import train_and_record
 
-    result = train("synthtest", **TRAIN_KW)
+    result = train_and_record("synthtest", **TRAIN_KW)
     yield {"base": base, "project": project, "home": base / "home", "result": result, "mp": mp}
     mp.undo()
-    from app.config import reset_settings
-    from compliance.db import dispose_engines
+    from core.config import reset_settings
+    from core.db import dispose_engines
 
     dispose_engines()
     reset_settings()
@@ -71,8 +71,8 @@ def state(trained):
 def test_training_reaches_auroc_and_registers_candidate(state):
     from mlflow import MlflowClient
 
-    from app.config import get_settings
     from compliance.audit import list_events, verify_chain
+    from core.config import get_settings
 
     r = state["result"]
     ev = r["evaluation"]
@@ -131,7 +131,7 @@ def test_evaluation_json_schema(state):
     from mlflow import MlflowClient
     from sklearn.metrics import roc_auc_score
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     c = MlflowClient(get_settings().tracking_uri)
     preds = pd.read_csv(c.download_artifacts(state["result"]["run_id"], "evaluation/test_predictions.csv",
@@ -166,8 +166,8 @@ def test_evaluation_json_schema(state):
 
 
 def test_clinical_model_api(state):
+    from models.datasets import load_dataset
     from models.registry import get_model_version, load_clinical_model, set_alias
-    from pipelines.datasets import load_dataset
 
     set_alias("champion", "1")
     assert "champion" in get_model_version("1")["aliases"]
@@ -205,10 +205,10 @@ def test_clinical_model_api(state):
 def test_pyfunc_fresh_process_matches_training(state):
     from mlflow import MlflowClient
 
-    from app.config import get_settings
+    from core.config import get_settings
+    from models.datasets import load_dataset
     from models.registry import load_clinical_model
     from models.serving import encode_image
-    from pipelines.datasets import load_dataset
 
     r = state["result"]
     s = get_settings()
@@ -249,7 +249,7 @@ def test_fresh_process_evaluate_writes_only_under_cxr_home(state):
     at training time, and nothing written to its working directory (MLflow's default ./mlflow.db)."""
     import shutil
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     s = get_settings()
     shutil.rmtree(s.state_dir / "model-cache", ignore_errors=True)  # force the models:/ download path
@@ -313,7 +313,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run(state):
     assert resumed["evaluation"]["auroc"]["value"] == pytest.approx(ref["evaluation"]["auroc"]["value"], abs=1e-6)
     from mlflow import MlflowClient
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     run = MlflowClient(get_settings().tracking_uri).get_run(resumed["run_id"])
     assert run.data.tags.get("resumed_after_epoch") == "2"
@@ -325,8 +325,8 @@ def test_external_validation_on_cohort_built_by_synth_and_ingest(state):
     from typer.testing import CliRunner
 
     from app.cli import root
+    from models.datasets import load_dataset
     from models.registry import get_evaluation
-    from pipelines.datasets import load_dataset
     from pipelines.ingest import import_dataset
     from pipelines.synth import synthesize_cohort
 

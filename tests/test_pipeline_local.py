@@ -25,8 +25,8 @@ def _artifact(client, run_id: str, path: str):
 
 def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage(cxr_env: Path) -> None:
     from app.cli import root
-    from app.config import get_settings
     from compliance.audit import list_events, verify_chain
+    from core.config import get_settings
     from models.registry import client as mlflow_client
     from pipelines.kfp_pipeline import ENV_PACKAGES, run_local
 
@@ -118,7 +118,7 @@ def test_run_without_local_or_with_a_missing_dataset_fails_clearly(cxr_env: Path
 
 
 def test_reproduce_comparison_flags_metrics_outside_the_tolerance() -> None:
-    from pipelines.cli import compare_metrics
+    from pipelines.reproduce import compare_metrics
 
     recorded = {"covid19_vs_rest": {"auroc": {"value": 0.80}, "sensitivity": {"value": 0.90},
                                     "specificity": {"value": 0.70}}}

@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 from prometheus_server import REPO_ROOT, free_port, prometheus_factory  # noqa: F401  (fixture)
 
 from app import metrics as m

@@ -11,9 +11,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from _governance_fixtures import GOOD_EVALUATION, failing_evaluation, make_version
+from typer.testing import CliRunner
 
 TODAY = datetime.now(timezone.utc).date()
 FROM, TO = (TODAY - timedelta(days=1)).isoformat(), TODAY.isoformat()
@@ -30,8 +29,8 @@ def world(cxr_env):
     """Users, two versions (v1 approved champion, v2 failing candidate), predictions and outcomes."""
     from app import storage
     from compliance.approvals import approve_model_version
-    from compliance.db import session_scope
     from compliance.users import authenticate_password, create_user
+    from core.db import session_scope
 
     create_user("root", "admin", "root-password-1")
     create_user("rita", "researcher", "rita-password-1", full_name="Rita Researcher", actor="root")
@@ -65,9 +64,10 @@ def world(cxr_env):
 
 
 def test_json_report_validates_and_matches_the_trail(world, tmp_path):
+    import jsonschema
+
     from compliance.audit import list_events, verify_chain
     from compliance.reports import export_report, load_schema
-    import jsonschema
 
     head_before = verify_chain().head_hash
     out = export_report(FROM, TO, "json", tmp_path / "r.json", actor="carol")
@@ -127,7 +127,7 @@ def test_pdf_and_csv_reports_read_back(world, tmp_path):
 
 
 def test_cli_export_roles_and_broken_chain_alert(world, tmp_path):
-    from compliance.cli import register
+    from app.cli.governance import register
 
     app = typer.Typer()
     register(app)
@@ -170,8 +170,9 @@ def test_model_card_markdown_and_pdf(world, tmp_path):
 def test_registry_changes_behind_governance_are_reported(world, tmp_path):
     """MLflow has no access control: an alias moved or a tag set directly shows up as an alert."""
     from _governance_fixtures import mlflow_client
+
+    from app.cli.governance import register
     from compliance.approvals import governance_inconsistencies
-    from compliance.cli import register
     from compliance.reports import build_report
 
     assert governance_inconsistencies() == []

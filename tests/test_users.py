@@ -137,7 +137,7 @@ def test_require_role_denies_and_audits(cxr_env):
 
 
 def test_cli_users_and_tokens(cxr_env):
-    from compliance.cli import register
+    from app.cli.governance import register
     from compliance.users import user_for_token
 
     app = typer.Typer()

@@ -66,7 +66,7 @@ def _fmt_diff(d: dict | None) -> str:
 
 @pytest.mark.slow
 def test_variant_retraining_story(cxr_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import reset_settings
+    from core.config import reset_settings
 
     # a fixed pseudonym key: patient pseudonyms, hence the patient splits, and so the numbers are the
     # same on every run (the key is otherwise generated per CXR_HOME)
@@ -75,9 +75,10 @@ def test_variant_retraining_story(cxr_env: Path, monkeypatch: pytest.MonkeyPatch
     from app.cli import root
     from compliance.approvals import approve_model_version
     from compliance.users import create_user
-    from models.registry import client as mlflow_client, resolve_version
+    from models.datasets import dataset_version, load_dataset
+    from models.registry import client as mlflow_client
+    from models.registry import resolve_version
     from models.train import train
-    from pipelines.datasets import dataset_version, load_dataset
     from pipelines.dvc_store import checkout_dataset
     from pipelines.ingest import import_dataset
     from pipelines.kfp_pipeline import run_local

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from app.model_service import ModelService
+from app.services.champion import ModelService
+from app.services.predictions import PredictionService
 
 PROBLEM_RESPONSES = {
     401: {"description": "missing or invalid bearer token", "content": {"application/problem+json": {}}},
@@ -25,3 +26,7 @@ def problem_doc(*codes: int) -> dict:
 
 def service(request: Request) -> ModelService:
     return request.app.state.model_service
+
+
+def predictions_service(request: Request) -> PredictionService:
+    return request.app.state.predictions

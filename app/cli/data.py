@@ -1,4 +1,4 @@
-"""``cxr data``: synthesise a cohort, check DICOM files (import/versions/add-batch: pipelines.data_import_cli).
+"""``cxr data``: synthesise a cohort, check DICOM files (import/versions/add-batch: app.cli.data_import).
 
 - ``cxr data synth --patients N --out DIR [--seed S] [--variant NAME] [--image-size PX]``
 - ``cxr data check FILE... [--json] [--recursive] [--max-pixels N]``: per file accepted (modality,
@@ -135,15 +135,12 @@ def check(
 
 
 def register(root: typer.Typer) -> None:
-    """Add the ``data`` group (synth, check; import/versions/add-batch from pipelines.data_import_cli)."""
+    """Add the ``data`` group (synth, check; import/versions/add-batch from app.cli.data_import)."""
     global _import_commands_added
     if not _import_commands_added:
-        try:
-            from pipelines import data_import_cli
-        except ImportError:
-            data_import_cli = None
-        if data_import_cli is not None and hasattr(data_import_cli, "register_data_commands"):
-            data_import_cli.register_data_commands(data_app)
+        from app.cli.data_import import register_data_commands
+
+        register_data_commands(data_app)
         _import_commands_added = True
     root.add_typer(data_app, name="data")
 

@@ -7,7 +7,6 @@ them in the repository. Every field can be set as an environment variable ``CXR_
 from __future__ import annotations
 
 import os
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 
@@ -102,29 +101,3 @@ def get_settings() -> Settings:
 def reset_settings() -> None:
     """Forget cached settings (tests change CXR_* variables between cases)."""
     get_settings.cache_clear()
-
-
-def acting_user(explicit: str | None = None) -> str:
-    """The user an action is attributed to: ``--as``, else ``CXR_USER``, else the OS user."""
-    if explicit:
-        return explicit
-    if os.environ.get("CXR_USER"):
-        return os.environ["CXR_USER"]
-    import getpass
-
-    return getpass.getuser()
-
-
-def git_commit(root: Path | None = None) -> str:
-    """The project's current git commit (``unknown`` outside a git checkout); ``-dirty`` if modified."""
-    root = root or PACKAGE_ROOT
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

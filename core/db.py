@@ -1,7 +1,7 @@
-"""The app database: users, tokens, audit trail, predictions and outcomes (SQLAlchemy).
+"""The app database engine and sessions (SQLAlchemy).
 
 SQLite (WAL, synchronous=FULL so a committed row survives a crash) by default; PostgreSQL
-through ``CXR_DATABASE_URL``. Tables from every package register on the one ``Base`` and are
+through ``CXR_DATABASE_URL``. Every table is defined in ``core.schema`` on the one ``Base`` and
 created on first use.
 """
 from __future__ import annotations
@@ -12,30 +12,14 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import get_settings
-
-
-class Base(DeclarativeBase):
-    pass
+from core.config import get_settings
+from core.schema import Base
 
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
-
-
-def _import_all_tables() -> None:
-    # Every module that defines tables on Base; imported here so create_all sees them all.
-    import compliance.audit  # noqa: F401
-    try:
-        import compliance.users  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        import app.storage  # noqa: F401
-    except ImportError:
-        pass
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -57,7 +41,6 @@ def get_engine(url: str | None = None) -> Engine:
                     cur.execute("PRAGMA busy_timeout=30000")
                     cur.close()
 
-            _import_all_tables()
             Base.metadata.create_all(engine)
             _engines[url] = engine
         return engine

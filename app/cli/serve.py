@@ -14,7 +14,7 @@ def register(root: typer.Typer) -> None:
         """Serve the hospital API (loads the approved champion; /readyz turns ready once it is loaded)."""
         import uvicorn
 
-        from app.config import get_settings
+        from core.config import get_settings
 
         s = get_settings()
         uvicorn.run("app.main:app_factory", factory=True, host=host or s.api_host, port=port or s.api_port,

@@ -46,11 +46,12 @@ def train_cmd(
         mods = normalise_modalities(modalities)
     except ValueError as exc:
         _fail(str(exc))
-    from models.train import TrainingError, train
+    from models.train import TrainingError
+    from pipelines.lifecycle import train_and_record
 
     try:
         with redirect_stdout(sys.stderr):  # stdout carries only the result
-            result = train(dataset, epochs=epochs, image_size=image_size, device=device, seed=seed,
+            result = train_and_record(dataset, epochs=epochs, image_size=image_size, device=device, seed=seed,
                            modalities=mods, encoder=encoder, batch_size=batch_size,
                            target_sensitivity=target_sensitivity, actor=as_user, resume=resume, lr=lr,
                            patience=patience, n_bootstrap=n_bootstrap, deterministic=deterministic,
@@ -102,15 +103,16 @@ def evaluate_cmd(
     json_out: bool = typer.Option(False, "--json", help="print the evaluation JSON on stdout"),
 ) -> None:
     """Evaluate a registered version on a dataset (external validation when not its training dataset)."""
-    from models.evaluate import _json_default, evaluate_model_version
+    from models.datasets import DatasetNotFound
+    from models.evaluate import _json_default
     from models.registry import RegistryError
-    from pipelines.datasets import DatasetNotFound
+    from pipelines.lifecycle import evaluate_and_record
 
     if split not in (None, "train", "val", "test", "all"):
         _fail("--split must be train, val, test or all")
     try:
         with redirect_stdout(sys.stderr):
-            ev = evaluate_model_version(model_version, dataset, split=split, out=out, seed=seed,
+            ev = evaluate_and_record(model_version, dataset, split=split, out=out, seed=seed,
                                         n_bootstrap=n_bootstrap, actor=as_user)
     except (RegistryError, DatasetNotFound) as exc:
         _fail(str(exc))

@@ -1,8 +1,8 @@
-"""``cxr data import / versions / add-batch``: registered on the ``data`` group by pipelines.data_cli.
+"""``cxr data import / versions / add-batch``: registered on the ``data`` group by app.cli.data.
 
 Usage from the data group's module::
 
-    from pipelines.data_import_cli import register_data_commands
+    from app.cli.data_import import register_data_commands
     register_data_commands(data_app)
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def register_data_commands(data_app: typer.Typer) -> None:
         """Datasets under data/ with their DVC hash, rows and git commit."""
         from rich.table import Table
 
-        from pipelines.datasets import list_datasets
+        from models.datasets import list_datasets
 
         try:
             items = list_datasets()

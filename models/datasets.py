@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from app.config import get_settings, git_commit
+from core.config import get_settings
+from core.lineage import git_commit
 
 MANIFEST = "manifest.parquet"
 REJECTED = "rejected.csv"
@@ -59,9 +60,28 @@ def read_manifest_metadata(path: Path) -> dict:
     return json.loads(raw)
 
 
-def dataset_version(name: str) -> dict:
-    from pipelines.dvc_store import dataset_md5
+def dvc_file(name: str, root: Path | None = None) -> Path:
+    """``data/<name>.dvc``: the file DVC writes when it tracks a dataset."""
+    root = Path(root or get_settings().project_root)
+    return root / "data" / f"{name}.dvc"
 
+
+def dataset_md5(name: str, root: Path | None = None) -> str | None:
+    """The md5 DVC recorded for ``data/<name>`` (e.g. ``3f2a….dir``), or None if untracked.
+
+    Read from the ``.dvc`` file itself (plain YAML), so reading a dataset's version needs no DVC.
+    """
+    import yaml
+
+    path = dvc_file(name, root)
+    if not path.exists():
+        return None
+    doc = yaml.safe_load(path.read_text()) or {}
+    outs = doc.get("outs") or []
+    return outs[0].get("md5") if outs else None
+
+
+def dataset_version(name: str) -> dict:
     root = get_settings().project_root
     md5 = dataset_md5(name, root)
     return {"dvc_md5": md5, "git_commit": git_commit(root),

@@ -1,6 +1,6 @@
 """The ``cxr`` console script: one entry point to every capability.
 
-Each package registers its own command group (``register(root)``); heavy imports (torch, monai,
+One module per command group in this package (``register(root)``); heavy imports (torch, monai,
 mlflow) happen inside the commands so ``cxr --help`` stays fast.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ root = typer.Typer(
 
 # (module, purpose) — each module defines register(root: typer.Typer)
 COMMAND_MODULES = [
-    "pipelines.data_cli",  # cxr data synth/check/import/versions/add-batch
-    "models.cli",  # cxr train / evaluate
-    "compliance.cli",  # cxr users / tokens / model / audit
-    "pipelines.cli",  # cxr pipeline compile/run/submit, cxr reproduce
-    "app.serve_cli",  # cxr serve
-    "app.demo",  # cxr demo
+    "app.cli.data",  # cxr data synth/check/import/versions/add-batch
+    "app.cli.models",  # cxr train / evaluate
+    "app.cli.governance",  # cxr users / tokens / model / audit
+    "app.cli.pipeline",  # cxr pipeline compile/run/submit, cxr reproduce
+    "app.cli.serve",  # cxr serve
+    "app.cli.demo",  # cxr demo
 ]
 
 
@@ -35,7 +35,8 @@ def _root() -> None:
 @root.command("version")
 def version() -> None:
     """Print the system version and the versions of its key components."""
-    from importlib.metadata import PackageNotFoundError, version as v
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
 
     for pkg in ["covid-cxr", "torch", "monai", "pydicom", "mlflow", "dvc", "kfp", "fastapi"]:
         try:

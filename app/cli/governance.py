@@ -1,6 +1,6 @@
 """``cxr users``, ``cxr tokens``, ``cxr model``, ``cxr audit``: governance from the command line.
 
-Acting user: ``--as USER``, else ``CXR_USER``, else the OS user (``app.config.acting_user``).
+Acting user: ``--as USER``, else ``CXR_USER``, else the OS user (``core.identity.acting_user``).
 
 Who may do what on the CLI
 --------------------------
@@ -29,6 +29,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
 
 class _LazyConsole:
     """A Rich console bound at print time (so test runners' stream swaps work), wide when piped so
@@ -96,7 +97,7 @@ def _read_password(from_stdin: bool, prompt: str = "Password", confirm: bool = F
 
 
 def _actor(explicit: str | None) -> str:
-    from app.config import acting_user
+    from core.identity import acting_user
 
     return acting_user(explicit)
 

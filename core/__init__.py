@@ -1,0 +1,1 @@
+"""The ground layer: settings, database and schema, lineage, identity. Imports nothing of the project."""

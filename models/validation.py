@@ -1,0 +1,78 @@
+"""Evaluating a *registered* model version on an imported dataset (``cxr evaluate``).
+
+Sits above ``models.evaluate`` (pure metrics on arrays) and ``models.registry`` (MLflow): loads the
+version, scores the dataset's labelled rows, writes ``evaluation.json`` + plots, logs them on the
+version's training run. Records no audit event: ``model.evaluated`` goes to ``on_event`` and the
+caller (``pipelines.lifecycle``) writes it to the audit trail.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.evaluate import _json_default, evaluate_predictions, write_plots
+from models.events import EventSink, no_event
+from models.network import CLASSES
+
+
+# ------------------------------------------------------------------------ registered-version path
+def labelled_rows(manifest, split: str | None):
+    df = manifest[manifest["label"].isin(CLASSES)]
+    if split and split != "all":
+        df = df[df["split"] == split]
+    return df.reset_index(drop=True)
+
+
+def evaluate_model_version(model_version: str | int = "champion", dataset_name: str = "", *,
+                           split: str | None = None, out: str | Path | None = None, seed: int = 0,
+                           n_bootstrap: int = 1000, log_to_mlflow: bool = True,
+                           on_event: EventSink | None = None) -> dict:
+    """Evaluate a registered version on a dataset (``cxr evaluate``); returns the evaluation dict.
+
+    ``split=None``: the ``test`` split when the dataset is the version's training dataset, else every
+    labelled row (external validation). Writes ``evaluation.json`` + PNGs to ``out`` (a file path; the
+    PNGs go beside it) or ``CXR_HOME/evaluations/<model>/v<version>/<dataset>/``.
+    """
+    from core.config import get_settings
+    from models import registry
+    from models.datasets import load_dataset
+
+    model = registry.load_clinical_model(model_version)
+    ds = load_dataset(dataset_name)
+    trained_on = model.config.get("training", {}).get("dataset")
+    external = trained_on != dataset_name
+    if split is None:
+        split = "all" if external else "test"
+    rows = labelled_rows(ds.manifest, split)
+    images = [ds.array(r) for _, r in rows.iterrows()]
+    vitals = rows.to_dict("records")
+    logits = model.logits(images, vitals) if len(rows) else np.zeros((0, len(CLASSES)))
+    labels = rows["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=int)
+    evaluation, curves = evaluate_predictions(
+        labels, logits, temperature=model.temperature, threshold=model.operating_threshold,
+        patient_ids=rows["patient_id"].astype(str).tolist(), meta=rows, n_bootstrap=n_bootstrap, seed=seed,
+        threshold_selection=model.config.get("threshold_selection"))
+    evaluation.update({"dataset": dataset_name, "dataset_version": ds.version.get("dataset_version"),
+                       "split": split, "is_external": external, "model_name": model.name,
+                       "model_version": model.version, "trained_on": trained_on})
+    if out:
+        out_path = Path(out)
+    else:
+        out_path = (get_settings().state_dir / "evaluations" / model.name / f"v{model.version}" / dataset_name
+                    / "evaluation.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(evaluation, indent=2, default=_json_default))
+    plot_dir = out_path.parent
+    plots = write_plots(evaluation, plot_dir, curves)
+    evaluation["artifacts"] = {"evaluation_json": str(out_path), "plots": [str(p) for p in plots]}
+    if log_to_mlflow and model.run_id:
+        registry.log_external_evaluation(model.version, dataset_name, split, evaluation, plots)
+    (on_event or no_event)("model.evaluated", subject=f"model:{model.version}",
+                 details={"model": model.name, "model_version": model.version, "dataset": dataset_name,
+                          "dataset_version": evaluation["dataset_version"], "split": split,
+                          "external": external, "n_images": evaluation["n_images"],
+                          "n_patients": evaluation["n_patients"],
+                          "auroc": evaluation["covid19_vs_rest"]["auroc"]["value"]})
+    return evaluation
