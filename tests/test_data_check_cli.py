@@ -13,7 +13,7 @@ import typer
 from dicom_factory import FAKE_PATIENT_NAME, JPEG2000Lossless, make_dicom
 from typer.testing import CliRunner
 
-from pipelines import data_cli
+from app.cli import data as data_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
