@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "pipelines.cli",  # cxr pipeline compile/run/submit, cxr reproduce
     "app.serve_cli",  # cxr serve
     "app.demo",  # cxr demo
+    "app.dicom.cli",  # cxr dicom listen
 ]
 
 
