@@ -48,8 +48,10 @@ def listen(
     from app.dicom.listener import DicomListener
     from app.dicom.sender import Destination
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Only this system's loggers ("cxr.*", written to carry no patient data) log at --log-level:
+    # libraries log UIDs and header values at INFO (pynetdicom, highdicom), so only their warnings pass.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cxr").setLevel(getattr(logging, log_level.upper(), logging.INFO))
     try:
         destination = Destination.parse(send_to)
     except ValueError as exc:
