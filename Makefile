@@ -22,12 +22,16 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Debian packages the tests use (Prometheus + promtool, docker-compose v1 to parse the compose file,
-# poppler-utils for reading PDFs back). Installed only when missing; needs root (CI runs as root).
+# poppler-utils for reading PDFs back, Orthanc as the test PACS, dcmtk as the modality and SR reader,
+# dicom3tools' dciodvfy as the IOD validator). Installed only when missing; needs root (CI runs as root).
 system-deps:
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v pdftotext >/dev/null || missing="$$missing poppler-utils"; \
+	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

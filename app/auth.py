@@ -34,6 +34,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "prediction.read": frozenset({"clinician", "admin"}),
     "prediction.heatmap": frozenset({"clinician", "admin"}),
     "outcome.record": frozenset({"clinician", "admin"}),
+    "vitals.put": frozenset({"clinician", "admin"}),
+    "dicomweb.store": frozenset({"clinician", "admin"}),
     "model.read": frozenset({"clinician", "researcher", "admin"}),
     "audit.verify": frozenset({"compliance_officer", "admin"}),
     "audit.report": frozenset({"compliance_officer", "admin"}),

@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     """Build the API. ``settings`` gives the limits (upload bytes, image pixels, cache size) and the
     champion poll interval; state (database, MLflow) is located by ``get_settings()`` as everywhere
     else. ``model_service`` defaults to a ``ModelService`` polling the ``champion`` alias."""
-    from app.api import audit, health, model, outcomes, predictions
+    from app.api import audit, dicomweb, health, model, outcomes, predictions, vitals
     from app.auth import RequestAuditMiddleware
     from app.problems import UploadLimitMiddleware, install_problem_handlers
     from app.services.champion import ModelService
@@ -68,7 +68,8 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
                                               decode_slots=app.state.decode_slots)
     app.state.input_cache = app.state.predictions.input_cache
     install_problem_handlers(app)
-    for r in (predictions.router, outcomes.router, model.router, audit.router, health.router):
+    for r in (predictions.router, outcomes.router, vitals.router, dicomweb.router, model.router, audit.router,
+              health.router):
         app.include_router(r)
     # outermost first: the audit/metrics wrapper sees the final status, including a 413 from the limit
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -44,6 +44,12 @@ prediction id, an accession number or free text**; id-like values are replaced, 
     Number of values currently in that feature's rolling window.
 ``cxr_drift_ood_fraction{model_version}`` (gauge)
     Fraction of the rolling window whose OOD score is above the reference threshold.
+
+DICOM listener metrics (defined in ``app/dicom/metrics.py``, registered here when the listener runs):
+``cxr_dicom_instances_received_total``, ``cxr_dicom_instances_processed_total{outcome}``,
+``cxr_dicom_refusals_total{code}``, ``cxr_dicom_objects_sent_total{kind}``,
+``cxr_dicom_send_retries_total``, ``cxr_dicom_send_failures_total``, ``cxr_dicom_spool_depth``,
+``cxr_dicom_spool_oldest_age_seconds``, ``cxr_dicom_quarantined``, ``cxr_dicom_roundtrip_seconds``.
 """
 from __future__ import annotations
 

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     champion_poll_seconds: float = 5.0
+    vitals_ttl_hours: float = 24.0  # how long vitals sent ahead of a DICOM study are kept (PUT /v1/vitals)
+    dicom_send_to: str | None = None  # AET@HOST:PORT where DICOMweb STOW-RS results are C-STORE'd (the PACS)
 
     release_policy_path: Path = PACKAGE_ROOT / "compliance" / "release_policy.yaml"
 

@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import get_settings
 from core.schema import Base
 
-
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 

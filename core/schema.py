@@ -185,3 +185,20 @@ class OutcomeRow(Base):
             "signature_meaning": self.signature_meaning,
         }
 
+
+
+# ---------------------------------------------------------------- owner: app.services.vitals
+class PendingVitals(Base):
+    """Vitals sent ahead of a DICOM study (``PUT /v1/vitals/{accession}``), kept for a bounded time.
+
+    Keyed by the accession number's keyed hash (the number itself is never stored); the values are
+    held only until ``expires_at`` (``CXR_VITALS_TTL_HOURS``) and purged on every access after it.
+    """
+
+    __tablename__ = "pending_vitals"
+
+    accession_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vitals: Mapped[str] = mapped_column(Text)  # JSON of the validated vitals
+    stored_at: Mapped[str] = mapped_column(String(40))
+    expires_at: Mapped[str] = mapped_column(String(40), index=True)
+    stored_by: Mapped[str] = mapped_column(String(64))

@@ -16,8 +16,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "MINIO_ROOT_PASSWORD": "minio-secret",
-           "CXR_PSEUDONYM_KEY": "0" * 64, "GRAFANA_ADMIN_PASSWORD": "grafana-secret"}
-LONG_RUNNING = {"api", "mlflow", "postgres", "minio", "prometheus", "grafana"}
+           "CXR_PSEUDONYM_KEY": "0" * 64, "GRAFANA_ADMIN_PASSWORD": "grafana-secret",
+           "ORTHANC_ADMIN_PASSWORD": "orthanc-secret"}
+LONG_RUNNING = {"api", "mlflow", "postgres", "minio", "prometheus", "grafana", "dicom", "orthanc"}
 
 
 def _run_config(env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
@@ -201,3 +202,33 @@ def test_dockerfile_installs_the_project_and_serves_on_the_api_port():
         assert f"COPY {package} ./{package}" in text
     ignore = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignore and ".cxr" in ignore
+
+
+def test_dicom_listener_and_example_pacs_agree(rendered):
+    """The listener sends to the example PACS' AE title and DICOM port; the PACS knows the listener as a
+    modality (for routing studies to it); Prometheus scrapes the listener's metrics port."""
+    import json
+
+    from app.config import Settings
+    from app.dicom.sender import Destination
+
+    services = rendered["services"]
+    listener, pacs = services["dicom"], services["orthanc"]
+    cmd = listener["command"]
+    arg = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+    assert cmd[:3] == ["cxr", "dicom", "listen"]
+    dest = Destination.parse(arg("--send-to"))
+    pacs_env = _env(pacs)
+    assert dest.host == "orthanc" and dest.ae_title == pacs_env["ORTHANC__DICOM_AET"]
+    assert dest.port == int(pacs_env["ORTHANC__DICOM_PORT"])
+    modalities = json.loads(pacs_env["ORTHANC__DICOM_MODALITIES"])
+    assert [arg("--ae-title"), "dicom", int(arg("--port"))] in modalities.values()
+    assert int(arg("--port")) in _published(listener)
+    for name in _env(listener):
+        if name.startswith("CXR_"):
+            assert name.removeprefix("CXR_").lower() in Settings.model_fields, name
+    config = yaml.safe_load((REPO / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "cxr-dicom")
+    assert job["static_configs"][0]["targets"] == [f"dicom:{arg('--metrics-port')}"]
+    assert arg("--metrics-host") == "0.0.0.0"
+    assert json.loads(pacs_env["ORTHANC__REGISTERED_USERS"]) == {"admin": SECRETS["ORTHANC_ADMIN_PASSWORD"]}

@@ -15,7 +15,6 @@ from dicom_factory import (
     DX_SOP_CLASS,
     FAKE_PATIENT_NAME,
     JPEG2000,
-    LOSSLESS,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,

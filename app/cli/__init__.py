@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "app.cli.pipeline",  # cxr pipeline compile/run/submit, cxr reproduce
     "app.cli.serve",  # cxr serve
     "app.cli.demo",  # cxr demo
+    "app.cli.dicom",  # cxr dicom listen
 ]
 
 

@@ -64,8 +64,6 @@ def _reject_constant(name: str):
 
 
 def parse_vitals_text(text: str | None) -> dict[str, Any]:
-    from models.preprocessing import parse_vitals
-
     if text is None or not text.strip():
         raw: Any = {}
     else:
@@ -78,6 +76,14 @@ def parse_vitals_text(text: str | None) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ApiProblem(422, "malformed-json", f"field 'vitals' must be a JSON object, got {type(raw).__name__}",
                          title="Malformed JSON", field="vitals")
+    return validate_vitals(raw)
+
+
+def validate_vitals(raw: dict[str, Any]) -> dict[str, Any]:
+    """Vitals as every entry point accepts them: units converted, out-of-range values refused
+    (``VitalsError`` → 422 problem+json), never clipped."""
+    from models.preprocessing import parse_vitals
+
     return parse_vitals(raw, strict=True)
 
 
