@@ -21,6 +21,24 @@ Two pieces, usable separately:
 
 The model library takes its settings as arguments (``window_ms``, ``max_batch``); the app reads
 ``Settings.batch_window_ms`` / ``batch_max_size`` and passes them.
+
+Wiring (app/model_service.py, not done here):
+
+    # LoadedModel.__init__(self, model, settings=None):
+    from models.batching import batching_enabled, make_batched_predictor
+    self.batcher = None
+    if batching_enabled(model):  # CUDA only; CPU keeps the locked single-request path
+        s = settings or get_settings()
+        self.batcher = make_batched_predictor(model, window_ms=s.batch_window_ms,
+                                              max_batch=s.batch_max_size, lock=self.lock)
+    # LoadedModel.predict(self, images, vitals):
+    if self.batcher is not None and len(images) == 1:
+        return [self.batcher((images[0], vitals[0]), timeout=60)]
+    with self.lock: return self.model.predict(images, vitals)
+    # ModelService._evict: call lm.batcher.close() for an evicted LoadedModel with a batcher.
+
+Graphs are captured in ``make_batched_predictor`` (so at load, before ``_warm_up``); the warm-up
+request then goes through the batcher too.
 """
 from __future__ import annotations
 
@@ -255,13 +273,15 @@ def batching_enabled(model) -> bool:
 
 
 def make_batched_predictor(model, *, window_ms: float = 3.0, max_batch: int = 16,
-                           use_cuda_graphs: bool = True) -> MicroBatcher:
+                           use_cuda_graphs: bool = True, lock: "threading.Lock | None" = None) -> MicroBatcher:
     """A ``MicroBatcher`` over ``(image, vitals)`` pairs → one ``predict`` result dict each.
 
     On CUDA (``batching_enabled(model)``): batches of up to ``max_batch`` collected for ``window_ms``
     and run through a ``CudaGraphPredictor`` (captured now, at load; ``use_cuda_graphs=False`` →
     plain ``model.predict`` on the GPU). Without CUDA: ``window_ms=0, max_batch=1`` and
-    ``model.predict`` — each request runs alone, as today. Call ``close()`` when the model is replaced.
+    ``model.predict`` — each request runs alone, as today. ``lock``: held around each batch (pass the
+    lock that already serialises this model's inference, e.g. ``LoadedModel.lock``, so Grad-CAM and
+    batches never interleave). Call ``close()`` when the model is evicted.
     """
     if batching_enabled(model):
         runner = CudaGraphPredictor(model, _pow2_sizes(max_batch)) if use_cuda_graphs else model
@@ -270,7 +290,10 @@ def make_batched_predictor(model, *, window_ms: float = 3.0, max_batch: int = 16
         predict, window_ms, max_batch = model.predict, 0.0, 1
 
     def run(pairs: list[tuple[np.ndarray, dict | None]]) -> list[dict]:
-        return predict([p[0] for p in pairs], [p[1] for p in pairs])
+        if lock is None:
+            return predict([p[0] for p in pairs], [p[1] for p in pairs])
+        with lock:
+            return predict([p[0] for p in pairs], [p[1] for p in pairs])
 
     return MicroBatcher(run, window_ms=window_ms, max_batch=max_batch, name=f"batcher-{getattr(model, 'version', '')}")
 
