@@ -105,7 +105,6 @@ def api_table(home: Path, data: bytes, requests: int, levels: list[int]) -> dict
 
     import api_latency as al
 
-    al._setup_env(home)
     token = al._ensure_users()
     version = al._ensure_champion(home)
     servers = {}
@@ -166,6 +165,15 @@ def main() -> None:
         sizes, repeat, requests = [(2048, 2048), (2560, 2048), (3000, 3000)], args.repeat, args.requests
         levels, api_shape = [int(x) for x in args.levels.split(",")], (2048, 2048)
 
+    home = None
+    if not args.no_api:  # isolate all state (CXR_HOME, project root) before anything reads the settings
+        import api_latency as al
+        from app.config import reset_settings
+
+        home = (args.home or Path(tempfile.mkdtemp(prefix="cxr-decode-bench-"))).resolve()
+        al._setup_env(home)
+        reset_settings()
+
     import torch
 
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
@@ -188,7 +196,6 @@ def main() -> None:
         if not wired:
             print("WARNING: app/api/predictions.py does not pass target_size to decode_dicom: the 'after' server "
                   "still decodes at full resolution (wiring: models/preprocessing.py docstring, issue #18).")
-        home = (args.home or Path(tempfile.mkdtemp(prefix="cxr-decode-bench-"))).resolve()
         data = make_file(_phantom(*api_shape), "JPEG2000Lossless")
         api = api_table(home, data, requests, levels)
         api["route_wired"] = wired
