@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000  # decompression-bomb guard (rows * columns)
     max_upload_bytes: int = 64 * 1024 * 1024
     cache_image_size: int = 256  # side of the cached preprocessed array (pixels)
+    # JPEG 2000 uploads decoded at the lowest wavelet level that still covers cache_image_size
+    # (models.preprocessing.decode_dicom(target_size=...)); CXR_REDUCED_DECODE=0 forces full decoding
+    reduced_decode: bool = True
+    # GPU micro-batching of predictions (models.batching; CUDA only): window and largest batch
+    batch_window_ms: float = 3.0
+    batch_max_size: int = 16
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

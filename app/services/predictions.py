@@ -87,14 +87,17 @@ def validate_vitals(raw: dict[str, Any]) -> dict[str, Any]:
     return parse_vitals(raw, strict=True)
 
 
-def decode_upload(data: bytes, max_pixels: int):
+def decode_upload(data: bytes, max_pixels: int, target_size: int | None = None):
+    """The input gate: decode or refuse. ``target_size``: the model-input side; a JPEG 2000 upload is
+    then decoded at the smallest resolution level that still covers it (``models.j2k``), every
+    refusal rule unchanged, full decode as the fallback."""
     from models.preprocessing import ImageRefused, decode_dicom
 
     if not data:
         raise ApiProblem(422, "image-refused/empty", "the image part is empty: expected a DICOM file",
                          title="Image refused", refusal_code="empty")
     try:
-        return decode_dicom(data, max_pixels=max_pixels)
+        return decode_dicom(data, max_pixels=max_pixels, target_size=target_size)
     except ImageRefused:
         raise
     except (MemoryError, RecursionError, ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -198,10 +201,12 @@ class PredictionService:
         parsed = dict(vitals or {})
         with self.decode_slots or nullcontext():  # bounds the memory of concurrent full-size decodes
             data = image if isinstance(image, (bytes, bytearray)) else image.read(settings.max_upload_bytes + 1)
-            decoded = decode_upload(bytes(data), settings.max_image_pixels)
+            decoded = decode_upload(bytes(data), settings.max_image_pixels,
+                                    settings.cache_image_size if settings.reduced_decode else None)
             supine = is_supine(data)
             del data
-            prepared = prepare_image(decoded.pixels, settings.cache_image_size)
+            # the decoded object, not its pixels: a reduced level carries its sub-pixel grid offset
+            prepared = prepare_image(decoded, settings.cache_image_size)
             view = getattr(decoded, "view", None)
             decoded.pixels = None  # the full-size image is not needed any more
 
