@@ -47,7 +47,7 @@ from core.db import get_engine, session_scope
 from core.schema import AuditEntry, OutcomeRow, PredictionRow
 
 __all__ = ["canonical_json", "record_event", "verify_chain", "list_events", "checkpoint", "row_sha256",
-           "parse_utc", "ChainVerification", "GENESIS_HASH"]
+           "parse_utc", "ChainVerification", "GENESIS_HASH", "verify_entry", "get_entry", "head"]
 
 log = logging.getLogger("cxr.audit")
 GENESIS_HASH = "0" * 64
@@ -120,6 +120,32 @@ def head(database_url: str | None = None) -> tuple[int, str]:
     with session_scope(database_url) as s:
         last = s.execute(select(AuditEntry.seq, AuditEntry.entry_hash).order_by(AuditEntry.seq.desc()).limit(1)).first()
     return (last.seq, last.entry_hash) if last else (0, GENESIS_HASH)
+
+
+def get_entry(seq: int, database_url: str | None = None) -> dict[str, Any] | None:
+    with session_scope(database_url) as s:
+        row = s.get(AuditEntry, seq)
+        return row.as_dict() if row else None
+
+
+def verify_entry(seq: int, database_url: str | None = None) -> tuple[bool, str]:
+    """One entry's MAC recomputes with its key (keyed mode: the entry must be keyed). Not the chain:
+    ``verify_chain`` checks links, order and checkpoints; this is the quick check serving makes."""
+    with session_scope(database_url) as s:
+        row = s.get(AuditEntry, seq)
+        if row is None:
+            return False, f"entry {seq} does not exist"
+        if row.key_id is None and audit_mode() == "keyed":
+            return False, f"entry {seq} is not keyed"
+        try:
+            key = key_by_id(row.key_id) if row.key_id else None
+        except AuditKeyMissing as exc:
+            return False, str(exc)
+        recomputed = compute_entry_hash(row.seq, row.time_utc, row.actor, row.role, row.action, row.subject,
+                                        row.details, row.prev_hash, key, row.key_id)
+        if not hmac.compare_digest(recomputed, row.entry_hash):
+            return False, f"entry {seq}: content does not match its MAC"
+        return True, "ok"
 
 
 def checkpoint(reason: str = "manual", database_url: str | None = None, *, if_moved: bool = False) -> dict[str, Any] | None:
