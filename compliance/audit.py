@@ -232,7 +232,8 @@ def _checkpoints(hashes: dict[int, str], n_last: int, needs_checkpoint: bool, mo
     agreeing = None
     for cp in cps:
         if cp.problem:
-            problems.append((None, "broken", f"checkpoint {path}:{cp.line_no}: {cp.problem}"))
+            problems.append((None, "unverifiable" if cp.missing_key else "broken",
+                             f"checkpoint {path}:{cp.line_no}: {cp.problem}"))
             continue
         if cp.seq > n_last:
             problems.append((n_last + 1, "broken",

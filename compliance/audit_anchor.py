@@ -243,6 +243,7 @@ class Checkpoint:
     time_utc: str | None
     reason: str | None
     problem: str | None = None  # None: its MAC verifies
+    missing_key: bool = False  # the problem is only that its key is not available here
     raw: dict[str, Any] = field(default_factory=dict)
 
     def name(self, path: Path) -> str:
@@ -268,7 +269,7 @@ def read_checkpoints(database_url: str | None = None) -> tuple[Path, list[Checkp
         try:
             key = key_by_id(kid) if kid else None
         except AuditKeyMissing as exc:
-            cp.problem = str(exc)
+            cp.problem, cp.missing_key = str(exc), True
             out.append(cp)
             continue
         if kid is None and audit_mode() == "keyed":
