@@ -44,6 +44,13 @@ prediction id, an accession number or free text**; id-like values are replaced, 
     Number of values currently in that feature's rolling window.
 ``cxr_drift_ood_fraction{model_version}`` (gauge)
     Fraction of the rolling window whose OOD score is above the reference threshold.
+``cxr_champion_verification_failures_total{reason}`` (counter)
+    Times the API refused to publish the version the ``champion`` alias names (reasons:
+    ``no-approval``, ``revoked``, ``signature-invalid``, ``no-artifact-digest``,
+    ``alias-not-governed``, ``artifact-mismatch``; each series exported from 0).
+``cxr_champion_alias_unverified`` (gauge)
+    1 while the alias names a version the API refuses (it keeps the last verified champion), else 0.
+    Alert ``CXRChampionVerificationFailed``.
 """
 from __future__ import annotations
 
