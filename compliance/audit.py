@@ -185,10 +185,8 @@ def _chain(rows: list[AuditEntry], mode: str) -> tuple[dict[int, str], list[tupl
     problems: list[tuple[int | None, str, str]] = []
     hashes: dict[int, str] = {}
     keys: dict[str, bytes] = {}
-    prev, expected_seq, seen_keyed, broken = GENESIS_HASH, 1, False, False
+    prev, expected_seq, seen_keyed = GENESIS_HASH, 1, False
     for row in rows:
-        if broken:
-            break
         if row.seq != expected_seq:
             problems.append((row.seq, "broken", f"entry {row.seq}: expected sequence number {expected_seq} "
                                                  f"(an entry was deleted or inserted)"))
