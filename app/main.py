@@ -9,6 +9,7 @@ Research software, not a medical device. Layout:
 * ``app.services.predictions`` — the one prediction service every entry point calls;
 * ``app.services.champion`` — the champion, loaded at start (warm-up) and switched atomically when the
   MLflow alias moves;
+* ``app.services.audit_checkpoints`` — the periodic audit checkpoint (outside the database);
 * ``app.storage`` — predictions and outcomes (no PHI), committed before a 200;
 * ``app.metrics`` — Prometheus metrics (monitoring package).
 """
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     from app.api import audit, dicomweb, health, model, outcomes, predictions, vitals
     from app.auth import RequestAuditMiddleware
     from app.problems import UploadLimitMiddleware, install_problem_handlers
+    from app.services.audit_checkpoints import AuditCheckpointer
     from app.services.champion import ModelService
     from app.services.predictions import InputCache, PredictionService
 
@@ -40,15 +42,19 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     svc = model_service or ModelService(poll_seconds=settings.champion_poll_seconds,
                                         image_size=settings.cache_image_size)
 
+    checkpointer = AuditCheckpointer(settings.audit_checkpoint_seconds)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from core.db import get_engine
 
         get_engine()  # create tables before the first request
         svc.start()
+        checkpointer.start()
         try:
             yield
         finally:
+            checkpointer.stop()
             svc.stop()
 
     app = FastAPI(

@@ -50,6 +50,13 @@ DICOM listener metrics (defined in ``app/dicom/metrics.py``, registered here whe
 ``cxr_dicom_refusals_total{code}``, ``cxr_dicom_objects_sent_total{kind}``,
 ``cxr_dicom_send_retries_total``, ``cxr_dicom_send_failures_total``, ``cxr_dicom_spool_depth``,
 ``cxr_dicom_spool_oldest_age_seconds``, ``cxr_dicom_quarantined``, ``cxr_dicom_roundtrip_seconds``.
+``cxr_champion_verification_failures_total{reason}`` (counter)
+    Times the API refused to publish the version the ``champion`` alias names (reasons:
+    ``no-approval``, ``revoked``, ``signature-invalid``, ``no-artifact-digest``,
+    ``alias-not-governed``, ``artifact-mismatch``; each series exported from 0).
+``cxr_champion_alias_unverified`` (gauge)
+    1 while the alias names a version the API refuses (it keeps the last verified champion), else 0.
+    Alert ``CXRChampionVerificationFailed``.
 """
 from __future__ import annotations
 
@@ -121,6 +128,20 @@ MODEL_LOADED_TS = Gauge(
     "cxr_model_loaded_timestamp_seconds", "When this process started serving the model version (Unix seconds).",
     ["model_name", "model_version"], registry=REGISTRY,
 )
+CHAMPION_VERIFICATION_FAILURES = Counter(
+    "cxr_champion_verification_failures", "Times the API refused to publish the version the champion alias names "
+    "(no valid approval signature, revoked, alias moved outside governance, artefact digest mismatch), by reason.",
+    ["reason"], registry=REGISTRY,
+)
+CHAMPION_ALIAS_UNVERIFIED = Gauge(
+    "cxr_champion_alias_unverified", "1 while the champion alias names a version the API refuses to serve "
+    "(it keeps the last verified champion, or none), else 0.", registry=REGISTRY,
+)
+CHAMPION_REFUSAL_REASONS = ("no-approval", "revoked", "signature-invalid", "no-artifact-digest", "alias-not-governed",
+                            "artifact-mismatch", "other")
+for _reason in CHAMPION_REFUSAL_REASONS:
+    CHAMPION_VERIFICATION_FAILURES.labels(_reason)  # exported from 0, so increase() sees the first failure
+CHAMPION_ALIAS_UNVERIFIED.set(0)
 OUTCOMES = Counter(
     "cxr_outcomes_total", "Confirmed outcomes by site, model version, truth (COVID-19 positive/negative) and decision.",
     ["site", "model_version", "truth", "decision"], registry=REGISTRY,
@@ -344,6 +365,14 @@ def set_model_info(model_version: Any, approved_at: Any = None, model_name: str 
         MODEL_INFO.labels(name_l, version_l, approved_l).set(1)
         MODEL_APPROVED_TS.labels(name_l, version_l).set(approved_ts)
         _current_model = (name_l, version_l, approved_l)
+
+
+def record_champion_verification_failure(reason: str) -> None:
+    CHAMPION_VERIFICATION_FAILURES.labels(reason if reason in CHAMPION_REFUSAL_REASONS else "other").inc()
+
+
+def set_champion_unverified(flag: bool) -> None:
+    CHAMPION_ALIAS_UNVERIFIED.set(1 if flag else 0)
 
 
 def metrics_payload() -> tuple[bytes, str]:

@@ -111,9 +111,24 @@ class Ready(BaseModel):
     model_version: str | None = None
 
 
+class SignatureProblem(BaseModel):
+    signature_id: str | None = None
+    audit_seq: int | None = None
+    problem: str
+
+
 class AuditVerification(BaseModel):
+    """``ok`` only when the chain, the checkpoints, the prediction/outcome rows and every e-signature
+    verify (the same checks as ``cxr audit verify``)."""
     ok: bool
     n_entries: int
     head_hash: str
     first_bad_seq: int | None = None
     message: str
+    status: Literal["intact", "broken", "unverifiable"] = "intact"
+    mode: str = "keyed"
+    chain_ok: bool = True
+    problems: list[str] = Field(default_factory=list)
+    checkpoint: dict[str, Any] | None = None
+    rows: dict[str, int] = Field(default_factory=dict)
+    signature_problems: list[SignatureProblem] = Field(default_factory=list)

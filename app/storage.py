@@ -47,6 +47,14 @@ def new_prediction_id() -> str:
 
 def save_prediction(row: dict[str, Any]) -> dict[str, Any]:
     """Insert one prediction and commit it durably; returns the stored row as a dict."""
+    return save_prediction_sealed(row)[0]
+
+
+def save_prediction_sealed(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``save_prediction`` + the SHA-256 of the stored row (``compliance.audit.row_sha256``), which the
+    ``prediction.served`` audit entry carries so an edited row is detected by ``cxr audit verify``."""
+    from compliance.audit import row_sha256
+
     obj = PredictionRow(
         id=row["id"], created_at=row["created_at"], model_name=row["model_name"],
         model_version=str(row["model_version"]), site=row["site"], accession_hash=row.get("accession_hash"),
@@ -58,7 +66,9 @@ def save_prediction(row: dict[str, Any]) -> dict[str, Any]:
     )
     with session_scope() as s:
         s.add(obj)
-    return obj.as_dict()
+        s.flush()
+        digest = row_sha256(obj)
+    return obj.as_dict(), digest
 
 
 def get_prediction(prediction_id: str) -> dict[str, Any] | None:
@@ -86,9 +96,17 @@ def current_outcome(prediction_id: str) -> dict[str, Any] | None:
 
 
 def save_outcome(row: dict[str, Any]) -> dict[str, Any]:
+    return save_outcome_sealed(row)[0]
+
+
+def save_outcome_sealed(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Insert one outcome; returns (the stored row as a dict, its row SHA-256 for ``outcome.recorded``)."""
+    from compliance.audit import row_sha256
+
     obj = OutcomeRow(**row)
     with session_scope() as s:
         s.add(obj)
         s.flush()
         out = obj.as_dict()
-    return out
+        digest = row_sha256(obj)
+    return out, digest

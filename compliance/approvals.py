@@ -2,8 +2,10 @@
 
 Every decision (approve, reject, rollback, retire) is signed: the signer re-enters their password
 at each signing (§11.200(a)), and the signature manifestation — printed name, UTC date/time,
-meaning, reason — plus the policy version and the SHA-256 of the evaluation it was based on is
-stored three times, linked to each other:
+meaning, reason — plus the policy version, the SHA-256 of the evaluation it was based on and, for
+approvals and roll-backs, the SHA-256 of the model artefact itself (``artifact_sha256``: the
+canonical digest over the files of the packaged model — weights, preprocessing configuration,
+calibration — computed from a fresh download of the registry's copy) is stored three times, linked to each other:
 
 1. a row in ``e_signatures`` (with the audit sequence number and entry hash of its audit event),
 2. the audit event itself (``model.approved`` …; part of the hash chain, so it cannot be edited
@@ -17,21 +19,28 @@ Rules: only the ``approver`` role signs; an approver never signs a version they 
 registered (separation of duties); approval needs the release policy to pass, or an explicit
 override with a reason (recorded as an override); the alias ``champion`` moves only here, and
 each move is an ``alias.changed`` audit event with from/to.
+
+Serving trusts none of MLflow's state: ``serving_approval(version)`` is what the API asks before it
+publishes a version — a valid, unrevoked approve/rollback signature (its audit entry's MAC
+recomputes with the audit key) that carries an artefact digest, and the newest governed move of
+``champion`` naming that version. The API then loads the artefact only if its files hash to that digest.
 """
 from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select
 
-from compliance.audit import canonical_json, list_events, record_event
+from compliance.audit import canonical_json, list_events, record_event, verify_entry
 from compliance.policy import check_release_policy, evaluate_policy
 from compliance.registry_access import (
     RegistryError,
     aliases_of,
+    artifact_digest_of,
     current_alias,
     evaluation_view,
     list_versions,
@@ -75,7 +84,10 @@ _SIGNED_FIELDS = ("id", "model", "version", "action", "meaning", "signer_name", 
 
 
 def signature_hash(record: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json({k: record.get(k) for k in _SIGNED_FIELDS}).encode()).hexdigest()
+    signed = {k: record.get(k) for k in _SIGNED_FIELDS}
+    if record.get("artifact_sha256") is not None:  # signatures made before it existed hash as they did
+        signed["artifact_sha256"] = record["artifact_sha256"]
+    return hashlib.sha256(canonical_json(signed).encode()).hexdigest()
 
 
 def _ensure_tables() -> None:
@@ -131,14 +143,15 @@ def _separation_of_duties(mv, signer: User, decision: str) -> None:
 def _sign(decision: str, version: str, signer: User, reason: str, *, audit_action: str,
           policy_version: str | None = None, policy_passed: bool | None = None,
           override_reason: str | None = None, evaluation_sha256: str | None = None,
-          from_version: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+          from_version: str | None = None, extra: dict[str, Any] | None = None,
+          artifact_sha256: str | None = None) -> dict[str, Any]:
     _ensure_tables()
     record = {
         "id": str(uuid.uuid4()), "model": model_name(), "version": str(version), "action": decision,
         "meaning": MEANINGS[decision], "signer_name": signer.name, "signer_full_name": signer.full_name,
         "signer_role": signer.role, "time_utc": _now(), "reason": reason, "policy_version": policy_version,
         "policy_passed": policy_passed, "policy_override_reason": override_reason,
-        "evaluation_sha256": evaluation_sha256, "from_version": from_version,
+        "evaluation_sha256": evaluation_sha256, "from_version": from_version, "artifact_sha256": artifact_sha256,
     }
     record["signature_sha256"] = signature_hash(record)
     entry = record_event(audit_action, actor=signer.name, role=signer.role, subject=_subject(str(version)),
@@ -148,6 +161,16 @@ def _sign(decision: str, version: str, signer: User, reason: str, *, audit_actio
     with session_scope() as s:
         s.add(ESignature(**record))
     return record
+
+
+def _artifact_digest(mv, signer: User, decision: str) -> str:
+    """The digest the signature binds to, from a fresh download of the registry's artefact."""
+    try:
+        return artifact_digest_of(mv)
+    except RegistryError as exc:
+        _refuse(str(mv.version), signer, decision, "no-artifact",
+                f"version {mv.version}: {exc}; a release cannot be signed without the model artefact's digest")
+        raise  # unreachable
 
 
 def _status(mv) -> str:
@@ -185,16 +208,18 @@ def approve_model_version(version: str | int, *, approver: str, password: str, r
                     f"approval refused (an override needs --override-policy REASON)", failed_criteria=failed)
         override = _check_reason(override_policy_reason, "policy-override reason")
 
+    digest = _artifact_digest(mv, signer, "approve")
     previous = current_alias(CHAMPION)
     sig = _sign("approve", v, signer, reason, audit_action="model.approved", policy_version=policy.policy_version,
                 policy_passed=policy.passed, override_reason=override, evaluation_sha256=policy.evaluation_sha256,
-                from_version=previous,
+                from_version=previous, artifact_sha256=digest,
                 extra={"failed_criteria": [c.id for c in policy.failed], "previous_champion": previous,
                        "external_sha256": policy.external_sha256})
     set_tags(v, {
         "status": "approved", "approved_by": signer.name, "approved_by_name": signer.full_name,
         "approved_at": sig["time_utc"], "approval_meaning": sig["meaning"], "approval_reason": reason,
         "approval_policy_version": policy.policy_version, "approval_evaluation_sha256": policy.evaluation_sha256,
+        "approval_artifact_sha256": digest,
         "approval_signature_id": sig["id"], "approval_signature_sha256": sig["signature_sha256"],
         "policy_passed": str(policy.passed).lower(), "policy_override": str(override is not None).lower(),
         "policy_override_reason": override or "",
@@ -257,8 +282,10 @@ def rollback_champion(*, approver: str, password: str, reason: str) -> dict[str,
         _, eval_sha = load_evaluation(target_mv)
     except RegistryError:
         eval_sha = None
+    digest = _artifact_digest(target_mv, signer, "rollback")
     sig = _sign("rollback", target, signer, reason, audit_action="model.rolled_back", evaluation_sha256=eval_sha,
-                from_version=current, extra={"from_version": current, "to_version": target})
+                from_version=current, extra={"from_version": current, "to_version": target},
+                artifact_sha256=digest)
     set_tags(current, {"status": "retired", "retired_by": signer.name, "retired_at": sig["time_utc"],
                        "retired_reason": f"rolled back: {reason}", "retirement_signature_id": sig["id"]})
     set_tags(target, {"restored_by": signer.name, "restored_at": sig["time_utc"], "restore_signature_id": sig["id"]})
@@ -295,15 +322,79 @@ def signatures(version: str | int | None = None) -> list[dict[str, Any]]:
         return [r.as_dict() for r in s.execute(q).scalars().all()]
 
 
-def verify_signature(record: dict[str, Any]) -> bool:
-    """The stored signature hash matches the record, and the linked audit entry carries the same record."""
+def verify_signature(record: dict[str, Any], *, strict: bool = False) -> bool:
+    """The stored signature hash matches the record, and the linked audit entry carries the same record.
+    ``strict``: also the entry's own MAC recomputes with the audit key (a DB-only writer cannot forge it)."""
     if signature_hash(record) != record.get("signature_sha256"):
         return False
-    entries = [e for e in list_events() if e["seq"] == record.get("audit_seq")]
-    if not entries or entries[0]["entry_hash"] != record.get("audit_entry_hash"):
+    entry = _entry(record.get("audit_seq"))
+    if entry is None or entry["entry_hash"] != record.get("audit_entry_hash"):
         return False
-    signed = entries[0]["details"].get("e_signature", {})
-    return signed.get("signature_sha256") == record.get("signature_sha256")
+    signed = entry["details"].get("e_signature", {})
+    if signed.get("signature_sha256") != record.get("signature_sha256"):
+        return False
+    return not strict or verify_entry(entry["seq"])[0]
+
+
+def _entry(seq: Any) -> dict[str, Any] | None:
+    from compliance.audit import get_entry
+
+    return get_entry(seq) if isinstance(seq, int) else None
+
+
+@dataclass
+class ServingApproval:
+    """What the API may publish: ``ok`` with the signed ``artifact_sha256``, else ``reason`` (short code)."""
+    ok: bool
+    version: str
+    reason: str
+    message: str
+    artifact_sha256: str | None = None
+    signature_id: str | None = None
+
+
+_GRANTS = ("approve", "rollback")
+
+
+def serving_approval(version: str | int) -> ServingApproval:
+    """May ``version`` be served as champion? Needs, from the app database and the audit trail only
+    (never MLflow tags or aliases, which anyone with registry access can set):
+
+    1. an approve or roll-back-to signature for it that is the newest release decision about it (a later
+       retire, reject or roll-back away from it revokes it) — else ``no-approval`` / ``revoked``;
+    2. that signature verifies, including its audit entry's MAC — else ``signature-invalid``;
+    3. it signs an artefact digest — else ``no-artifact-digest`` (approved before approvals signed it);
+    4. the newest governed move of ``champion`` (``alias.changed``, MAC verified) is to this version —
+       else ``alias-not-governed`` (the alias was moved in MLflow directly).
+    The caller then checks the artefact's files against ``artifact_sha256``.
+    """
+    v = str(version)
+    decisions = []
+    for s in signatures():
+        if s["version"] == v or (s["action"] == "rollback" and s.get("from_version") == v):
+            decisions.append(s)
+    decisions.sort(key=lambda s: s["audit_seq"] or 0)
+    grants = [s for s in decisions if s["version"] == v and s["action"] in _GRANTS]
+    digest = grants[-1].get("artifact_sha256") if grants else None
+    if not grants:
+        return ServingApproval(False, v, "no-approval", f"version {v} has no approval signature")
+    last = decisions[-1]
+    if not (last["version"] == v and last["action"] in _GRANTS):
+        return ServingApproval(False, v, "revoked", f"version {v}'s approval was revoked ({last['action']} signed "
+                               f"{last['time_utc']})", digest, last["id"])
+    sig = grants[-1]
+    if not verify_signature(sig, strict=True):
+        return ServingApproval(False, v, "signature-invalid", f"version {v}'s approval signature {sig['id']} does not "
+                               f"verify against the audit trail", digest, sig["id"])
+    if not digest:
+        return ServingApproval(False, v, "no-artifact-digest", f"version {v}'s approval {sig['id']} signs no model "
+                               f"artefact digest (signed before serving verification): re-approve it", None, sig["id"])
+    moves = [e for e in list_events(action="alias.changed") if e["details"].get("alias") == CHAMPION]
+    if not moves or moves[-1]["details"].get("to_version") != v or not verify_entry(moves[-1]["seq"])[0]:
+        recorded = moves[-1]["details"].get("to_version") if moves else None
+        return ServingApproval(False, v, "alias-not-governed", f"alias champion points to {v} but governance last moved "
+                               f"it to {recorded!r} (moved outside cxr model approve/rollback)", digest, sig["id"])
+    return ServingApproval(True, v, "", f"version {v} approved by signature {sig['id']}", digest, sig["id"])
 
 
 SIGNING_ACTIONS = ("model.approved", "model.rejected", "model.rolled_back", "model.retired")

@@ -160,6 +160,16 @@ def evaluation_view(mv) -> tuple[dict[str, Any], str, dict[str, str]]:
     return view, sha, ext_shas
 
 
+def artifact_digest_of(mv) -> str:
+    """Digest of the version's model artefact as the registry holds it now (fresh download)."""
+    from models.registry import artifact_sha256
+
+    try:
+        return artifact_sha256(mv.version)
+    except (ModelRegistryError, OSError, ValueError) as exc:
+        raise RegistryError(str(exc)) from exc
+
+
 def run_params(mv) -> dict[str, str]:
     if not mv.run_id:
         return {}

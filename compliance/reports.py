@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from compliance.audit import list_events, record_event, verify_chain
+from compliance.audit import coarse_bounds, in_period, list_events, parse_utc, record_event, verify_chain
 from compliance.users import GovernanceError
 from core.db import get_engine
 
@@ -30,7 +30,8 @@ SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 SCHEMA_VERSION = "1.0"
 FORMATS = ("pdf", "csv", "json")
 METRICS = ("auroc", "sensitivity", "specificity", "ppv", "npv")
-ALERT_ACTIONS = {"auth.login_failed", "auth.permission_denied", "model.decision_refused", "model.rolled_back"}
+ALERT_ACTIONS = {"auth.login_failed", "auth.permission_denied", "model.decision_refused", "model.rolled_back",
+                 "model.serving_refused"}
 ALERT_PREFIXES = ("alert.", "monitoring.", "drift.")
 
 
@@ -106,7 +107,7 @@ def _model_lineage(end: str) -> list[dict[str, Any]]:
     for mv in list_versions():
         created = datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, timezone.utc).isoformat(
             timespec="seconds").replace("+00:00", "Z")
-        if created >= end:
+        if parse_utc(created) >= parse_utc(end):
             continue
         v = str(mv.version)
         tags = dict(mv.tags or {})
@@ -126,7 +127,7 @@ def _model_lineage(end: str) -> list[dict[str, Any]]:
                       "criteria": []}
         sigs = []
         for s in all_sigs:
-            if s["version"] == v and s["time_utc"] < end:
+            if s["version"] == v and in_period(s["time_utc"], None, parse_utc(end)):
                 sigs.append({**{k: s[k] for k in ("id", "action", "meaning", "signer_name", "signer_full_name",
                                                    "signer_role", "time_utc", "reason", "policy_version",
                                                    "policy_passed", "policy_override_reason", "evaluation_sha256",
@@ -164,24 +165,31 @@ def _predictions(start: str, end: str) -> tuple[dict[str, Any], dict[str, Any]]:
             f"predictions table lacks columns {sorted(need - pcols)}"
         return ({"available": False, "note": note, "total": 0, "by_model_site": []},
                 {"available": False, "note": note, "rows": []})
+    # Times are compared parsed, never as strings ("…00.5Z" sorts before "…00Z"): a day-wide SQL
+    # prefilter, then the exact [start, end) test in Python.
+    s_dt, e_dt = parse_utc(start), parse_utc(end)
+    lo, hi = coarse_bounds(s_dt, e_dt)
     with get_engine().connect() as conn:
-        rows = conn.execute(text("SELECT model_version, site, COUNT(*) FROM predictions WHERE created_at >= :s "
-                                 "AND created_at < :e GROUP BY model_version, site ORDER BY model_version, site"),
-                            {"s": start, "e": end}).all()
+        prow = conn.execute(text("SELECT model_version, site, created_at FROM predictions WHERE created_at >= :lo "
+                                 "AND created_at < :hi"), {"lo": lo, "hi": hi}).all()
+        counts = Counter((str(r[0]), str(r[1] or "")) for r in prow if in_period(r[2], s_dt, e_dt))
         volume = {"available": True, "note": "predictions served in the period",
-                  "total": int(sum(r[2] for r in rows)),
-                  "by_model_site": [{"model_version": str(r[0]), "site": str(r[1] or ""), "n": int(r[2])} for r in rows]}
+                  "total": int(sum(counts.values())),
+                  "by_model_site": [{"model_version": v, "site": site, "n": int(n)}
+                                    for (v, site), n in sorted(counts.items())]}
         ocols = _table_columns("outcomes")
         oneed = {"id", "prediction_id", "truth_positive"}
         if ocols is None or not oneed <= ocols:
             return volume, {"available": False, "note": "no usable outcomes table", "rows": []}
         pairs = conn.execute(text(
-            "SELECT p.model_version, p.site, p.decision, o.truth_positive FROM predictions p "
+            "SELECT p.model_version, p.site, p.decision, o.truth_positive, p.created_at FROM predictions p "
             "JOIN outcomes o ON o.prediction_id = p.id "
             "WHERE o.id IN (SELECT MAX(id) FROM outcomes GROUP BY prediction_id) "
-            "AND p.created_at >= :s AND p.created_at < :e"), {"s": start, "e": end}).all()
+            "AND p.created_at >= :lo AND p.created_at < :hi"), {"lo": lo, "hi": hi}).all()
     cells: dict[tuple[str, str], Counter] = {}
-    for version, site, decision, truth in pairs:
+    for version, site, decision, truth, created_at in pairs:
+        if not in_period(created_at, s_dt, e_dt):
+            continue
         c = cells.setdefault((str(version), str(site or "")), Counter())
         positive = str(decision or "").endswith("-positive") or str(decision).lower() == "positive"
         truth = bool(truth)

@@ -35,7 +35,15 @@ class Settings(BaseSettings):
 
     # Secrets. Defaults are generated once per CXR_HOME and kept there (0600); a hospital sets them.
     pseudonym_key: str | None = None  # keyed hash for patient ids and accession numbers
-    audit_hmac_key: str | None = None  # optional keyed audit chain (key kept outside the DB)
+    audit_hmac_key: str | None = None  # an audit key given directly (else keys under audit_key_dir)
+
+    # Audit trail (compliance.audit): keyed HMAC chain by default; "plain" (SHA-256) is a development
+    # opt-out. Keys and checkpoints live outside the database (defaults under CXR_HOME; put them on
+    # another trust domain in production: docs/SECURITY.md).
+    audit_mode: str = "keyed"  # keyed | plain
+    audit_key_dir: Path | None = None  # default CXR_HOME/secrets/audit-keys
+    audit_checkpoint_dir: Path | None = None  # default CXR_HOME/audit-checkpoints
+    audit_checkpoint_seconds: float = 60.0  # the API writes a checkpoint this often (when the head moved)
 
     max_image_pixels: int = 40_000_000  # decompression-bomb guard (rows * columns)
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -85,6 +93,14 @@ class Settings(BaseSettings):
     @property
     def dvc_remote_dir(self) -> Path:
         return self.state_dir / "dvc-remote"
+
+    @property
+    def audit_keys_path(self) -> Path:
+        return Path(self.audit_key_dir) if self.audit_key_dir else self.state_dir / "secrets" / "audit-keys"
+
+    @property
+    def audit_checkpoints_path(self) -> Path:
+        return Path(self.audit_checkpoint_dir) if self.audit_checkpoint_dir else self.state_dir / "audit-checkpoints"
 
     def secret(self, name: str) -> str:
         """A secret from the environment, else one generated once and kept under CXR_HOME."""

@@ -41,8 +41,26 @@ def get_engine(url: str | None = None) -> Engine:
                     cur.close()
 
             Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
             _engines[url] = engine
         return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add nullable columns the schema gained since a database was created (create_all adds tables,
+    never columns): e.g. ``audit_trail.key_id``, ``e_signatures.artifact_sha256``."""
+    from sqlalchemy import inspect
+
+    insp = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name not in have and col.nullable:
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(ddl)
 
 
 def dispose_engines() -> None:

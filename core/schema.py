@@ -78,6 +78,9 @@ class ESignature(Base):
     policy_passed: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     policy_override_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     evaluation_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # SHA-256 over the files of the signed model version's artefact (models.serving.artifact_digest):
+    # what serving checks the downloaded model against. Null on signatures made before it existed.
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     from_version: Mapped[str | None] = mapped_column(String(20), nullable=True)
     signature_sha256: Mapped[str] = mapped_column(String(64))
     audit_seq: Mapped[int] = mapped_column(Integer)
@@ -100,6 +103,8 @@ class AuditEntry(Base):
     details: Mapped[str] = mapped_column(Text)  # canonical JSON
     prev_hash: Mapped[str] = mapped_column(String(64))
     entry_hash: Mapped[str] = mapped_column(String(64))
+    # id of the HMAC key that made entry_hash (compliance.audit_keys); null = plain SHA-256 entry
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +117,7 @@ class AuditEntry(Base):
             "details": json.loads(self.details),
             "prev_hash": self.prev_hash,
             "entry_hash": self.entry_hash,
+            "key_id": self.key_id,
         }
 
 

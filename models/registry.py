@@ -10,8 +10,10 @@ Browse it with::
 Public API
 ----------
 - ``configure_mlflow(experiment="covid-cxr") -> str`` (experiment id; sets tracking/registry URI)
-- ``load_clinical_model(version="champion", device="cpu") -> ClinicalModel`` (``models.serving``):
-  ``version`` = an alias (``champion``, ``challenger``), ``3``, ``"3"`` or ``"v3"``.
+- ``load_clinical_model(version="champion", device="cpu", expected_sha256=None) -> ClinicalModel``
+  (``models.serving``): ``version`` = an alias (``champion``, ``challenger``), ``3``, ``"3"`` or ``"v3"``;
+  with ``expected_sha256`` the artefact's digest must match (else ``ArtifactDigestMismatch``).
+- ``artifact_sha256(version) -> str``: the digest of the version's artefact as the store holds it now.
 - ``get_model_version(v) -> dict`` (name, version, run_id, source, tags, aliases, status)
 - ``list_versions() -> list[dict]``, ``resolve_version(v) -> str``
 - ``set_alias(alias, version, actor=None)``, ``delete_alias(alias)``, ``set_status(version, status, actor=None)``
@@ -247,37 +249,64 @@ def log_external_evaluation(version: str | int, dataset: str, split: str, evalua
 _loaded: dict[tuple[str, str, str, str], Any] = {}
 
 
-def load_clinical_model(version: str | int = "champion", device: str = "cpu"):
+def _download(version: str, dst: Path) -> None:
+    import mlflow.artifacts
+
+    settings = get_settings()
+    use_project_store()
+    mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name()}/{version}", dst_path=str(dst),
+                                        tracking_uri=settings.tracking_uri)
+
+
+def artifact_sha256(version: str | int) -> str:
+    """Digest (``models.serving.artifact_digest``) of a version's artefact as the registry holds it now:
+    downloaded afresh (never from the local cache) — what an approval signs."""
+    from models.serving import artifact_digest
+
+    mv = model_version_record(version)
+    settings = get_settings()
+    tmp = Path(tempfile.mkdtemp(prefix="digest-", dir=settings.state_dir))
+    try:
+        try:
+            _download(str(mv.version), tmp)
+        except Exception as exc:  # noqa: BLE001 - MlflowException or OSError by store
+            raise RegistryError(f"version {mv.version}: model artefact could not be downloaded "
+                                f"({type(exc).__name__})") from exc
+        return artifact_digest(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_clinical_model(version: str | int = "champion", device: str = "cpu", expected_sha256: str | None = None):
     """``ClinicalModel`` for a registered version or alias (downloaded once into CXR_HOME/model-cache).
 
+    With ``expected_sha256`` (what the approval signed) the files are hashed as they are read and a
+    different digest raises ``models.serving.ArtifactDigestMismatch``: serving never runs weights
+    other than the signed ones, whether they were replaced in the artefact store or in the cache.
     Raises ``RegistryError`` when the version/alias does not exist (e.g. no champion yet).
     """
-    from models.serving import ClinicalModel, find_package
+    from models.serving import ArtifactDigestMismatch, ClinicalModel
 
     settings = get_settings()
     mv = model_version_record(version)
     key = (settings.tracking_uri, model_name(), str(mv.version), device)
     if key in _loaded:
-        return _loaded[key]
+        model = _loaded[key]
+        if expected_sha256 is not None and model.artifact_sha256 != expected_sha256:
+            raise ArtifactDigestMismatch(Path("memory"), expected_sha256, str(model.artifact_sha256))
+        return model
     cache = settings.state_dir / "model-cache" / model_name() / str(mv.version)
-    try:
-        pkg = find_package(cache)
-    except FileNotFoundError:
-        import mlflow.artifacts
-
-        use_project_store()
+    if not cache.is_dir():
         tmp = Path(tempfile.mkdtemp(prefix="dl-", dir=settings.state_dir))
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name()}/{mv.version}",
-                                                dst_path=str(tmp), tracking_uri=settings.tracking_uri)
+            _download(str(mv.version), tmp)
             if cache.exists():
                 shutil.rmtree(cache)
             cache.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(tmp), str(cache))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        pkg = find_package(cache)
-    model = ClinicalModel.from_directory(pkg, name=model_name(), version=str(mv.version), run_id=mv.run_id,
-                                         device=device)
+    model = ClinicalModel.from_directory(cache, name=model_name(), version=str(mv.version), run_id=mv.run_id,
+                                         device=device, expected_sha256=expected_sha256)
     _loaded[key] = model
     return model

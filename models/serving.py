@@ -77,6 +77,59 @@ def save_package(out_dir: Path, state_dict: Mapping[str, Any], config: dict) -> 
     return out_dir
 
 
+class ArtifactDigestMismatch(ValueError):
+    """The model files on disk are not the ones whose digest was expected (signed)."""
+
+    def __init__(self, path: Path, expected: str, actual: str) -> None:
+        self.expected, self.actual = expected, actual
+        super().__init__(f"model artefact under {path} has digest {actual[:16]}… but {expected[:16]}… was expected "
+                         f"(files replaced or added since it was signed)")
+
+
+def read_artifact(root: Path) -> tuple[str, dict[str, bytes]]:
+    """(digest, {relative path: bytes}) of every file under ``root``, read once.
+
+    The digest is the canonical SHA-256 over the files of the packaged model directory: SHA-256 of the
+    canonical JSON list of ``[relative POSIX path, size, sha256(bytes)]`` sorted by path — weights,
+    preprocessing configuration, calibration, and whatever else the artefact holds (the MLflow model
+    files). Links and special files are refused (they could point outside the artefact). Loading from
+    the returned bytes means the model that runs is exactly the one that was hashed.
+    """
+    import hashlib
+
+    root = Path(root)
+    if root.is_symlink() or not root.is_dir():
+        raise FileNotFoundError(f"no model artefact folder at {root}")
+    files: dict[str, bytes] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise ValueError(f"model artefact {root} holds a link ({rel}): refused")
+        if path.is_dir():
+            continue
+        if not path.is_file():
+            raise ValueError(f"model artefact {root} holds a special file ({rel}): refused")
+        files[rel] = path.read_bytes()
+    listing = [[rel, len(data), hashlib.sha256(data).hexdigest()] for rel, data in sorted(files.items())]
+    digest = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+    return digest, files
+
+
+def artifact_digest(root: Path) -> str:
+    """The canonical SHA-256 of a model artefact folder (see ``read_artifact``)."""
+    return read_artifact(root)[0]
+
+
+def _package_in(files: Mapping[str, bytes]) -> str:
+    """The relative folder ('' for the root) holding config.json + weights.pt, as ``find_package`` picks it."""
+    for rel in sorted(files):
+        parts = rel.rsplit("/", 1)
+        folder, name = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+        if name == CONFIG and (f"{folder}/{WEIGHTS}" if folder else WEIGHTS) in files:
+            return folder
+    raise FileNotFoundError(f"no model package ({CONFIG} + {WEIGHTS}) in the artefact")
+
+
 def find_package(root: Path) -> Path:
     """The folder holding ``config.json`` + ``weights.pt`` inside a downloaded MLflow model."""
     root = Path(root)
@@ -112,24 +165,38 @@ class ClinicalModel:
         self._ood_mean = np.asarray(ood.get("mean", []), dtype=np.float64)
         self._ood_std = np.asarray(ood.get("std", []), dtype=np.float64)
         self._lock = threading.Lock()
+        self.artifact_sha256: str | None = None  # set when loaded from an artefact folder
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_directory(cls, path: str | Path, *, name: str = "covid-cxr", version: str = "local",
-                       run_id: str | None = None, device: str = "cpu") -> "ClinicalModel":
+                       run_id: str | None = None, device: str = "cpu",
+                       expected_sha256: str | None = None) -> "ClinicalModel":
+        """Load the package found under ``path``. Every file under ``path`` is read once and hashed
+        (``read_artifact``); with ``expected_sha256`` a different digest raises
+        ``ArtifactDigestMismatch`` before anything is deserialised. ``.artifact_sha256`` is the digest."""
+        import hmac
+
         import torch
 
         from models.network import FusionNet
 
-        pkg = find_package(Path(path))
-        config = json.loads((pkg / CONFIG).read_text())
+        path = Path(path)
+        digest, files = read_artifact(path)
+        if expected_sha256 is not None and not hmac.compare_digest(digest, expected_sha256):
+            raise ArtifactDigestMismatch(path, expected_sha256, digest)
+        folder = _package_in(files)
+        prefix = f"{folder}/" if folder else ""
+        config = json.loads(files[prefix + CONFIG])
         if config.get("format") != PACKAGE_FORMAT:
-            raise ValueError(f"unsupported model package format {config.get('format')!r} in {pkg}")
+            raise ValueError(f"unsupported model package format {config.get('format')!r} in {path / folder}")
         net = FusionNet(**config["network"])
-        state = torch.load(pkg / WEIGHTS, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(files[prefix + WEIGHTS]), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
         net.to(device)
-        return cls(net, config, name=name, version=version, run_id=run_id, device=device)
+        model = cls(net, config, name=name, version=version, run_id=run_id, device=device)
+        model.artifact_sha256 = digest
+        return model
 
     # ------------------------------------------------------------------ inputs
     def _tensors(self, images: Sequence[np.ndarray] | None, vitals: Sequence[Mapping | None]):

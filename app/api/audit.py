@@ -25,9 +25,11 @@ MEDIA = {"pdf": "application/pdf", "csv": "text/csv", "json": "application/json"
 
 @router.get("/verify", response_model=AuditVerification)
 def verify(principal: Principal = Depends(require("audit.verify"))) -> AuditVerification:
-    from compliance.audit import verify_chain
+    """The chain (MACs, links, checkpoints outside the database, prediction/outcome row hashes) and every
+    e-signature against its audit entry — what ``cxr audit verify`` checks."""
+    from compliance.verification import verify_all
 
-    return AuditVerification(**verify_chain().as_dict())
+    return AuditVerification(**verify_all())
 
 
 def _parse_time(value: str, name: str) -> str:

@@ -73,7 +73,7 @@ def record_outcome(request: Request, prediction_id: uuid.UUID, body: OutcomeIn,
                 raise ApiProblem(403, "signature-failed", "e-signature failed: the password does not match the "
                                  "calling user (or the account is locked)") from None
             signer_name, meaning, reason = signer.full_name, "correction of a recorded outcome", body.correction.reason
-        row = storage.save_outcome({
+        row, row_hash = storage.save_outcome_sealed({
             "prediction_id": pred["id"], "confirmed_class": body.confirmed_class, "rtpcr_result": body.rtpcr_result,
             "truth_positive": bool(truth), "recorded_by": principal.name, "recorded_at": storage.utc_now(),
             "supersedes_id": existing["id"] if existing else None, "correction_reason": reason,
@@ -81,7 +81,8 @@ def record_outcome(request: Request, prediction_id: uuid.UUID, body: OutcomeIn,
         })
     details = {"prediction_id": pred["id"], "outcome_id": row["id"], "model_version": pred["model"]["version"],
                "site": pred["site"], "confirmed_class": body.confirmed_class, "rtpcr_result": body.rtpcr_result,
-               "truth_positive": bool(truth), "decision": pred["decision"], "correction": body.correction is not None}
+               "truth_positive": bool(truth), "decision": pred["decision"], "correction": body.correction is not None,
+               "row_sha256": row_hash}
     if body.correction is not None:
         details |= {"supersedes_outcome_id": existing["id"], "signed_by": principal.name,
                     "signature_meaning": meaning, "reason_sha256": hashlib.sha256(reason.encode()).hexdigest()}

@@ -112,7 +112,13 @@ def get_heatmap(request: Request, prediction_id: uuid.UUID,
                          "the image of this prediction is no longer held (inputs are kept in memory only, for "
                          "recent predictions of this server process; no image is stored at rest)")
     image, vitals = cached
-    lm = service(request).model_for_version(pred["model"]["version"])
+    from app.services.champion import ChampionRefused
+
+    try:
+        lm = service(request).model_for_version(pred["model"]["version"])
+    except ChampionRefused as exc:
+        raise ApiProblem(503, "model-unavailable", f"the model version of this prediction cannot be loaded: "
+                         f"it failed serving verification ({exc.reason})") from None
     cam = lm.gradcam(image, vitals)
     return Response(content=_overlay_png(image, cam), media_type="image/png",
                     headers={"X-Model-Version": lm.version, "Cache-Control": "no-store"})

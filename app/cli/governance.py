@@ -360,27 +360,76 @@ def model_card(version: str, out_path: Annotated[Path, typer.Option("--out", hel
 @audit_app.command("verify")
 @guarded
 def audit_verify(json_out: JsonOut = False) -> None:
-    """Recompute the hash chain and cross-check e-signatures; exit 0 when intact, else 1 naming the
-    first bad entry (or the altered/missing signature)."""
-    from compliance.approvals import verify_signatures
-    from compliance.audit import verify_chain
+    """Recompute the keyed hash chain, check it against the checkpoints kept outside the database,
+    recompute the prediction/outcome row hashes and cross-check e-signatures; exit 0 when all verify,
+    else 1 naming the first bad entry, the checkpoint it disagrees with, or the altered/missing signature."""
+    from compliance.verification import verify_all
 
-    v = verify_chain()
-    sig_problems = verify_signatures()
+    v = verify_all()
     if json_out:
-        _print_json({**v.as_dict(), "signature_problems": sig_problems})
+        _print_json(v)
     else:
-        if v.ok:
-            out.print(f"audit chain intact: {v.n_entries} entries, head {v.head_hash}", highlight=False)
+        if v["chain_ok"]:
+            out.print(f"audit chain intact: {v['n_entries']} entries, head {v['head_hash']} ({v['mode']} mode)",
+                      highlight=False)
+            cp = v.get("checkpoint")
+            if cp:
+                out.print(f"checkpoint: agrees with {cp['file']}:{cp['line']} (entry {cp['seq']}, {cp['time_utc']})",
+                          highlight=False)
+            rows = v.get("rows") or {}
+            out.print(f"rows: {rows.get('predictions_verified', 0)} predictions and {rows.get('outcomes_verified', 0)} "
+                      f"outcomes match their audit entries", highlight=False)
         else:
-            err.print(f"[bold red]AUDIT CHAIN BROKEN[/] at entry {v.first_bad_seq}: {v.message}", highlight=False)
-        for p in sig_problems:
+            title = "AUDIT CHAIN UNVERIFIABLE" if v["status"] == "unverifiable" else "AUDIT CHAIN BROKEN"
+            where = f" at entry {v['first_bad_seq']}" if v["first_bad_seq"] is not None else ""
+            err.print(f"[bold red]{title}[/]{where}: {v['message']}", highlight=False)
+            for p in v["problems"][1:]:
+                err.print(f"  also: {p}", highlight=False)
+        for p in v["signature_problems"]:
             err.print(f"[bold red]E-SIGNATURE INVALID[/] {p['signature_id']} (audit entry {p['audit_seq']}): "
                       f"{p['problem']}", highlight=False)
-        if v.ok and not sig_problems:
+        if v["ok"]:
             out.print("e-signatures: all verify against the audit trail", highlight=False)
-    if not v.ok or sig_problems:
+    if not v["ok"]:
         raise typer.Exit(1)
+
+
+@audit_app.command("checkpoint")
+@guarded
+def audit_checkpoint(as_user: AsUser = None) -> None:
+    """Append a checkpoint of the current head (seq, hash) to the checkpoint file outside the database
+    (compliance_officer or admin). Governance actions and the API write them on their own; use this
+    after an upgrade, once `cxr audit verify` found the trail intact."""
+    from compliance.audit import checkpoint
+    from compliance.audit_anchor import checkpoint_path
+    from compliance.users import require_role
+
+    actor = _actor(as_user)
+    require_role(actor, ("compliance_officer", "admin"), action="audit.checkpoint")
+    cp = checkpoint(f"manual:{actor}")
+    if cp is None:
+        out.print("the audit trail is empty: nothing to checkpoint", highlight=False)
+        return
+    out.print(f"checkpoint written to {checkpoint_path()}: entry {cp['seq']}, head {cp['head_hash']}", highlight=False)
+
+
+@audit_app.command("rotate-key")
+@guarded
+def audit_rotate_key(as_user: AsUser = None) -> None:
+    """Create a new audit HMAC key (admin); new entries use it, older entries keep verifying with the old
+    key (each entry names its key id). Escrow the key folder: a lost key makes its entries unverifiable."""
+    from compliance.audit import record_event
+    from compliance.audit_anchor import AuditKeyError, rotate_key
+    from compliance.users import require_role
+
+    actor = _actor(as_user)
+    user = require_role(actor, ("admin",), action="audit.rotate_key")
+    try:
+        kid = rotate_key()
+    except AuditKeyError as exc:
+        _fail(str(exc))
+    record_event("audit.key_rotated", actor=actor, role=user.role, subject="audit_trail", details={"key_id": kid})
+    out.print(f"new audit key {kid} is now active", highlight=False)
 
 
 def _parse_day(text: str, *, end: bool) -> str:

@@ -12,6 +12,17 @@
   by the previous champion is computed with that version.
 * Inference is serialised per model (``model.lock``): torch already uses every core for one
   forward, and Grad-CAM's hooks must not see a concurrent forward.
+
+Serving verifies approval before it publishes (MLflow has no access control: anyone who can reach
+it can move the alias or replace artefact files). For the version the alias names it asks
+``compliance.approvals.serving_approval`` (a valid, unrevoked approval signature carrying the
+artefact digest, and a governed alias move), then loads the artefact with that digest
+(``models.registry.load_clinical_model(..., expected_sha256=...)``): files that hash differently are
+never deserialised. When either check fails it keeps serving the last verified champion (or none:
+``/readyz`` and predictions answer 503), records ``model.serving_refused`` in the audit trail once
+per (version, reason), counts ``cxr_champion_verification_failures_total{reason}``, sets
+``cxr_champion_alias_unverified`` to 1 (alert ``CXRChampionVerificationFailed``) and retries every
+``retry_seconds``.
 """
 from __future__ import annotations
 
@@ -51,14 +62,24 @@ def inference_device() -> str:
         return "cpu"
 
 
-def _default_loader(version: str):
-    import inspect
-
+def _default_loader(version: str, expected_sha256: str | None = None):
     from models.registry import load_clinical_model
 
-    if "device" in inspect.signature(load_clinical_model).parameters:
-        return load_clinical_model(version, device=inference_device())
-    return load_clinical_model(version)
+    return load_clinical_model(version, device=inference_device(), expected_sha256=expected_sha256)
+
+
+def _default_verifier(version: str):
+    from compliance.approvals import serving_approval
+
+    return serving_approval(version)
+
+
+class ChampionRefused(Exception):
+    """The alias names a version that may not be served (``reason``: short code)."""
+
+    def __init__(self, version: str, reason: str, message: str) -> None:
+        self.version, self.reason = version, reason
+        super().__init__(message)
 
 
 class LoadedModel:
@@ -81,12 +102,17 @@ class LoadedModel:
 
 
 class ModelService:
-    def __init__(self, *, poll_seconds: float = 5.0, loader: Callable[[str], Any] | None = None,
+    def __init__(self, *, poll_seconds: float = 5.0, loader: Callable[[str, str | None], Any] | None = None,
                  resolver: Callable[[], str | None] | None = None, keep: int = 3,
-                 image_size: int = 256) -> None:
+                 image_size: int = 256, verifier: Callable[[str], Any] | None = None,
+                 retry_seconds: float | None = None) -> None:
         self.poll_seconds = poll_seconds
+        self.retry_seconds = retry_seconds if retry_seconds is not None else max(3.0, 6 * poll_seconds)
         self._loader = loader or _default_loader
         self._resolver = resolver or champion_version
+        self._verifier = verifier or _default_verifier
+        self._refused: dict[str, tuple[str, float]] = {}  # version -> (reason, when)
+        self.refusal: ChampionRefused | None = None  # why the alias's version is not served (None: it is)
         self._keep = keep
         self._image_size = image_size
         self._lock = threading.Lock()
@@ -106,12 +132,16 @@ class ModelService:
         return self._current is not None
 
     def model_for_version(self, version: str) -> LoadedModel:
-        """The loaded model of ``version`` (loading it if it was evicted)."""
+        """The loaded model of ``version`` (loading it if it was evicted: only a version that was signed,
+        with the signed digest — e.g. for the heatmap of a prediction an earlier champion made)."""
         with self._lock:
             lm = self._loaded.get(str(version))
         if lm is not None:
             return lm
-        lm = LoadedModel(self._loader(str(version)))
+        approval = self._verifier(str(version))
+        if not approval.artifact_sha256:
+            raise ChampionRefused(str(version), approval.reason or "no-approval", approval.message)
+        lm = LoadedModel(self._load_verified(str(version), approval.artifact_sha256))
         with self._lock:
             self._loaded[lm.version] = lm
             self._evict()
@@ -148,21 +178,82 @@ class ModelService:
                 log.error("champion refresh failed: %s", type(exc).__name__)
             self._stop.wait(self.poll_seconds if self.ready else min(self.poll_seconds, 1.0))
 
-    def refresh(self) -> bool:
-        """Load and publish the alias's version if it differs from the current one. True if switched."""
-        version = self._resolver()
-        if version is None:
-            return False
-        cur = self._current
-        if cur is not None and cur.version == str(version):
-            return False
+    def _load_verified(self, version: str, digest: str):
+        from models.serving import ArtifactDigestMismatch
+
+        try:
+            model = self._loader(version, digest)
+        except ArtifactDigestMismatch as exc:
+            raise ChampionRefused(version, "artifact-mismatch", str(exc)) from None
+        if getattr(model, "artifact_sha256", None) != digest:  # whatever the loader, the files must be the signed ones
+            raise ChampionRefused(version, "artifact-mismatch",
+                                  f"version {version}: loaded artefact digest {getattr(model, 'artifact_sha256', None)} "
+                                  f"is not the signed {digest}")
+        return model
+
+    def _verified(self, version: str) -> LoadedModel:
+        """The version loaded and checked against its approval, or ``ChampionRefused``."""
+        approval = self._verifier(version)
+        if not approval.ok:
+            raise ChampionRefused(version, approval.reason, approval.message)
         with self._lock:
-            lm = self._loaded.get(str(version))
-        if lm is None:
-            t0 = time.perf_counter()
-            lm = LoadedModel(self._loader(str(version)))
-            self._warm_up(lm)
-            log.info("loaded model version %s in %.1f s", lm.version, time.perf_counter() - t0)
+            lm = self._loaded.get(version)
+        if lm is not None and getattr(lm.model, "artifact_sha256", None) == approval.artifact_sha256:
+            return lm
+        t0 = time.perf_counter()
+        lm = LoadedModel(self._load_verified(version, approval.artifact_sha256))
+        self._warm_up(lm)
+        log.info("loaded model version %s in %.1f s (artefact digest verified)", lm.version, time.perf_counter() - t0)
+        return lm
+
+    def _refuse(self, exc: ChampionRefused) -> None:
+        """Keep the current champion; audit + count once per (version, reason); the gauge stays up."""
+        from app import metrics
+
+        first = self._refused.get(exc.version, ("", 0.0))[0] != exc.reason
+        self._refused[exc.version] = (exc.reason, time.time())
+        self.refusal = exc
+        metrics.set_champion_unverified(True)
+        if not first:
+            return
+        cur = self._current
+        log.error("champion version %s NOT published (%s): %s; serving %s", exc.version, exc.reason, exc,
+                  cur.version if cur else "nothing")
+        metrics.record_champion_verification_failure(exc.reason)
+        try:
+            from compliance.audit import record_event
+            from models.registry import model_name
+
+            record_event("model.serving_refused", actor="cxr-api", role="service",
+                         subject=f"model/{model_name()}/{exc.version}",
+                         details={"model": model_name(), "version": exc.version, "reason": exc.reason,
+                                  "message": str(exc)[:300], "served_version": cur.version if cur else None})
+        except Exception as err:  # the refusal stands even if the trail cannot be written
+            log.error("audit: model.serving_refused could not be recorded (%s)", type(err).__name__)
+
+    def refresh(self) -> bool:
+        """Verify, load and publish the alias's version if it differs from the current one. True if
+        switched. A version that fails verification is not published (``self.refusal`` says why)."""
+        from app import metrics
+
+        version = self._resolver()
+        cur = self._current
+        if version is None or (cur is not None and cur.version == str(version)):
+            self.refusal = None
+            metrics.set_champion_unverified(False)
+            return False
+        version = str(version)
+        refused = self._refused.get(version)
+        if refused and time.time() - refused[1] < self.retry_seconds:
+            return False
+        try:
+            lm = self._verified(version)
+        except ChampionRefused as exc:
+            self._refuse(exc)
+            return False
+        self._refused.pop(version, None)
+        self.refusal = None
+        metrics.set_champion_unverified(False)
         with self._lock:
             previous = self._current
             self._loaded[lm.version] = lm

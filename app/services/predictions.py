@@ -212,7 +212,11 @@ class PredictionService:
 
         lm = self.champion.current()  # taken once: this request finishes with this model
         if lm is None:
-            raise ApiProblem(503, "not-ready", "no champion model is loaded yet; retry shortly",
+            refusal = getattr(self.champion, "refusal", None)
+            detail = (f"no verified champion model is loaded: the champion alias names a version that failed "
+                      f"serving verification ({refusal.reason})") if refusal else \
+                "no champion model is loaded yet; retry shortly"
+            raise ApiProblem(503, "not-ready", detail,
                              headers={"Retry-After": "2"})
         result = lm.predict([prepared], [parsed])[0]
         warnings = input_warnings(decoded, prepared, parsed, result, lm.model, supine)
@@ -228,9 +232,10 @@ class PredictionService:
             | {"sex": parsed.get("sex") not in (None, "unknown")},
             "view": "AP Supine" if supine and view in (None, "AP") else view,
         }
-        pred = storage.save_prediction(row)  # committed durably before the caller answers
+        pred, row_hash = storage.save_prediction_sealed(row)  # committed durably before the caller answers
         details = {"prediction_id": row["id"], "model_name": lm.name, "model_version": lm.version,
-                   "site": row["site"], "decision": row["decision"], "warnings": [w["code"] for w in warnings]}
+                   "site": row["site"], "decision": row["decision"], "warnings": [w["code"] for w in warnings],
+                   "row_sha256": row_hash}
         if channel != "rest":
             details["channel"] = channel
         record_event("prediction.served", actor=actor, role=role, subject=f"prediction/{row['id']}", details=details)
