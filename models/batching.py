@@ -22,7 +22,7 @@ Two pieces, usable separately:
 The model library takes its settings as arguments (``window_ms``, ``max_batch``); the app reads
 ``Settings.batch_window_ms`` / ``batch_max_size`` and passes them.
 
-Wiring (app/model_service.py, not done here):
+Wiring (as done in ``app.services.champion.LoadedModel``):
 
     # LoadedModel.__init__(self, model, settings=None):
     from models.batching import batching_enabled, make_batched_predictor

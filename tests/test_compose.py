@@ -209,7 +209,7 @@ def test_dicom_listener_and_example_pacs_agree(rendered):
     modality (for routing studies to it); Prometheus scrapes the listener's metrics port."""
     import json
 
-    from app.config import Settings
+    from core.config import Settings
     from app.dicom.sender import Destination
 
     services = rendered["services"]

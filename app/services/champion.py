@@ -91,10 +91,29 @@ class LoadedModel:
         self.name = str(getattr(model, "name", "covid-cxr"))
         self.lock = threading.Lock()
         self.loaded_at = time.time()
+        self.batcher = None
+        try:  # GPU: requests arriving within a few ms run as one batch through captured CUDA graphs
+            from models.batching import batching_enabled, make_batched_predictor
+
+            if batching_enabled(model):  # CUDA only; the CPU path below is unchanged
+                from core.config import get_settings
+
+                s = get_settings()
+                self.batcher = make_batched_predictor(model, window_ms=s.batch_window_ms,
+                                                      max_batch=s.batch_max_size, lock=self.lock)
+        except Exception as exc:  # noqa: BLE001 - batching is an optimisation: fall back to one at a time
+            log.warning("micro-batching disabled for version %s (%s)", self.version, type(exc).__name__)
+            self.batcher = None
 
     def predict(self, images, vitals):
+        if self.batcher is not None and len(images) == 1:
+            return [self.batcher((images[0], vitals[0]), timeout=60)]
         with self.lock:
             return self.model.predict(images, vitals)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
 
     def gradcam(self, image, vitals):
         with self.lock:
@@ -279,7 +298,7 @@ class ModelService:
             if self._current is not None and oldest == self._current.version:
                 self._loaded.move_to_end(oldest)
                 continue
-            self._loaded.pop(oldest)
+            self._loaded.pop(oldest).close()
 
     @staticmethod
     def _approved_at(version: str):
