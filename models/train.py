@@ -19,6 +19,9 @@ target_sensitivity, actor, resume, ...) -> {"model_version", "run_id", "dataset_
   ThreadDataLoader. CPU: deterministic algorithms, single-process loading.
 - Audit: ``training.started``, ``training.finished`` (also on failure), ``model.registered``,
   ``model.evaluated``.
+- Distributed (``models.distributed``): under torchrun's environment (``cxr train --nproc N``, torchrun, Kubeflow
+  Trainer) the model trains as DDP on disjoint shards; rank 0 alone logs, checkpoints, registers and audits,
+  other ranks return ``{"rank", "world_size", "history", "weights_sha256", ...}``.
 """
 from __future__ import annotations
 
@@ -297,7 +300,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
 
     from app.config import acting_user, get_settings, git_commit
     from compliance.audit import record_event
-    from models import registry
+    from models import distributed, registry
     from models.network import FusionNet
     from models.transforms import VitalsEncoder, eval_transforms, train_transforms
     from pipelines.datasets import DatasetNotFound, load_dataset
@@ -338,6 +341,10 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
 
+    dctx = distributed.setup(device)  # one process unless launched distributed (torchrun environment)
+    device = dctx.device
+    if not dctx.is_main:
+        console.quiet = True
     prev_threads = torch.get_num_threads()
     if not cuda:
         torch.set_num_threads(max(1, min(prev_threads, int(os.environ.get("CXR_TORCH_THREADS", "8")))))
@@ -360,7 +367,8 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     fingerprint = data_fingerprint(man)
     key = {"dataset": dataset_name, "dataset_version": dataset_version, "fingerprint": fingerprint,
            "encoder": encoder, "image_size": image_size, "modalities": list(modalities), "seed": seed,
-           "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "device_kind": "cuda" if cuda else "cpu"}
+           "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "device_kind": "cuda" if cuda else "cpu",
+           **({"world_size": dctx.world_size} if dctx.enabled else {})}
     ckpt_dir = _checkpoint_dir(dataset_name, key)
     ckpt_path = ckpt_dir / "last.pt"
 
@@ -373,6 +381,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
                     modalities=modalities).to(device)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
+    train_net = dctx.wrap(net)  # DDP for the training steps; ``net`` itself for everything else
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
 
@@ -407,7 +416,16 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     _, val_loader = build_loader(items["val"], eval_tf, batch_size=max(batch_size, 32), shuffle=False,
                                  device=device, seed=seed, num_workers=0, resident=augment == "device")
     cache_seconds = time.perf_counter() - t_cache
+    train_loader = dctx.shard_loader(train_loader, seed)
 
+    if not dctx.is_main:  # ranks > 0 train in lockstep; MLflow, audit, checkpoints and packaging are rank 0's
+        try:
+            return _fit_and_package(**{**locals(), "run_id": None, "commit": None, "params": {}})
+        finally:
+            torch.use_deterministic_algorithms(prev_det)
+            torch.backends.cudnn.benchmark = prev_bench
+            torch.set_num_threads(prev_threads)
+            dctx.close()
     registry.configure_mlflow()
     run = None
     if resumed_from is not None and state.get("run_id"):
@@ -430,7 +448,8 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
               "deterministic": deterministic, "bf16_autocast": use_amp, "augmentation": augment, "channels_last": cuda,
               "n_train": len(items["train"]), "n_val": len(items["val"]), "n_test": len(items["test"]),
               "n_unlabelled_excluded": n_unlabelled, "class_weights": json.dumps([round(x, 4) for x in cw]),
-              "n_vitals_features": vitals_encoder.n_features, "n_bootstrap": n_bootstrap}
+              "n_vitals_features": vitals_encoder.n_features, "n_bootstrap": n_bootstrap,
+              "world_size": dctx.world_size, "distributed_backend": dctx.backend or "none"}
     try:
         if resumed_from is None or prev_run != run_id:
             mlflow.log_params({k: str(v) for k, v in params.items()})
@@ -466,13 +485,14 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
         torch.use_deterministic_algorithms(prev_det)
         torch.backends.cudnn.benchmark = prev_bench
         torch.set_num_threads(prev_threads)
+        dctx.close()
 
 
 def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, val_loader, train_tf, seed, device,
                      modalities, class_weights, use_amp, ckpt_dir, ckpt_path, console, show_progress,
                      on_epoch_end, splits, ds, vitals_encoder, encoder, image_size, dataset_name, dataset_version,
                      target_sensitivity, n_bootstrap, actor, role, run_id, commit, fingerprint, external,
-                     cache_seconds, warnings, params, augment, **_unused) -> dict:
+                     cache_seconds, warnings, params, augment, dctx=None, train_net=None, **_unused) -> dict:
     import mlflow
     import torch
     import torch.nn.functional as F
@@ -487,7 +507,13 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     from models.transforms import device_augment
 
     settings = get_settings()
-    mlflow.log_metric("cache_seconds", cache_seconds)
+    if dctx is None:
+        from models.distributed import DistContext
+
+        dctx = DistContext(device=device)
+    train_net = train_net if train_net is not None else net
+    if dctx.is_main:
+        mlflow.log_metric("cache_seconds", cache_seconds)
     start_epoch = state["epoch"] + 1
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
@@ -502,6 +528,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
             if hasattr(train_tf, "set_random_state"):
                 train_tf.set_random_state(seed=ep_seed % (2**32))
             train_loader.generator.manual_seed(ep_seed)
+            if hasattr(train_loader, "set_epoch"):  # distributed: this epoch's shard
+                train_loader.set_epoch(epoch)
             aug_gen = torch.Generator().manual_seed(ep_seed)
             net.train()
             task = progress.add_task("train", total=len(train_loader), epoch=f"{epoch}/{epochs}", info="")
@@ -511,30 +539,34 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                 img, vit, y = to_device(batch, device, modalities)
                 if augment == "device" and img is not None:
                     img = device_augment(img, aug_gen)
-                losses.append(train_step(net, opt, img, vit, y, class_weights, use_amp))
+                losses.append(train_step(train_net, opt, img, vit, y, class_weights, use_amp))
                 n_seen += len(y)
                 progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
             sched.step()
             train_seconds = time.perf_counter() - t0
+            if dctx.enabled:
+                dctx.end_epoch(net, epoch)  # rank 0's BatchNorm statistics everywhere; weights checked equal
             val_logits, val_y = predict_loader(net, val_loader, device, modalities, use_amp)
             val_loss = float(F.cross_entropy(torch.tensor(val_logits), torch.tensor(val_y)).item())
             val_auc = covid_auroc(val_y, val_logits)
             val_acc = float((val_logits.argmax(1) == val_y).mean())
-            score = val_auc if val_auc is not None else -val_loss
+            score = dctx.agree(val_auc if val_auc is not None else -val_loss)  # rank 0's, on every rank
             improved = score > state["best_score"] + 1e-4
             if improved:
                 state.update(best_score=score, best_epoch=epoch, bad_epochs=0,
                              best_state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
             else:
                 state["bad_epochs"] += 1
-            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "val_loss": val_loss,
+            metrics = {"train_loss": dctx.mean(float(np.mean(losses)) if losses else float("nan")), "val_loss": val_loss,
                        "val_accuracy": val_acc, "lr": float(opt.param_groups[0]["lr"]),
                        "epoch_seconds": train_seconds,
-                       "train_images_per_second": n_seen / train_seconds if train_seconds else 0.0}
+                       "train_images_per_second": n_seen * dctx.world_size / train_seconds if train_seconds else 0.0}
             if val_auc is not None:
                 metrics["val_auroc_covid19"] = val_auc
             state["epoch"] = epoch
             state["history"].append({"epoch": epoch, **metrics, "val_auroc_covid19": val_auc})
+            if not dctx.is_main:
+                continue
             mlflow.log_metrics(metrics, step=epoch)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = ckpt_path.with_suffix(".tmp")
@@ -552,6 +584,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                 on_epoch_end(epoch, metrics)
     if state["best_state"] is None:
         raise TrainingError("no epoch completed")
+    if not dctx.is_main:
+        return {**dctx.summary(), "history": state["history"], "best_epoch": state["best_epoch"]}
     net.load_state_dict(state["best_state"])
     net.eval()
 
@@ -700,7 +734,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     return {"model_version": version, "run_id": run_id, "dataset_version": dataset_version,
             "dataset": dataset_name, "model_name": registry.model_name(),
             "evaluation": summary, "evaluation_full": evaluation, "history": state["history"],
-            "checkpoint": str(ckpt_path), "warnings": evaluation["warnings"]}
+            "checkpoint": str(ckpt_path), "warnings": evaluation["warnings"],
+            **({"distributed_rank": {**dctx.summary(), "history": state["history"]}} if dctx.enabled else {})}
 
 
 def _monai_version() -> str:

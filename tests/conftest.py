@@ -25,11 +25,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="app database backend(s) for tests marked app_databases (default: both)")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "app_databases: run the module's cxr_env/api_env tests on SQLite and "
-                                       "PostgreSQL (--db picks)")
-
-
 def selected_backends(config: pytest.Config) -> tuple[str, ...]:
     choice = config.getoption("--db")
     return DB_BACKENDS if choice == "both" else (choice,)
