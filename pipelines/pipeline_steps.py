@@ -368,8 +368,16 @@ def step_train(state_json: str) -> str:
         ensure_dataset_present(state["dataset_name"])
         kwargs = _train_kwargs(p)
         state["train_kwargs"] = kwargs
-        client.set_tag(state["pipeline_run_id"], "device", kwargs.get("device", "cpu"))
-        result = train(state["dataset_name"], **kwargs)
+        if p.get("train_launcher", "inprocess") == "trainjob":  # cluster: Kubeflow Trainer TrainJob (DDP)
+            from pipelines.trainjob import run_train_job
+
+            kwargs["device"] = "cuda" if int(p.get("gpus_per_node", 1)) else "cpu"
+            client.set_tag(state["pipeline_run_id"], "device", f"{p.get('train_nodes', 1)}x{kwargs['device']}")
+            result = run_train_job(state["dataset_name"], kwargs, nodes=int(p.get("train_nodes", 1)),
+                                   gpus_per_node=int(p.get("gpus_per_node", 1)), image=p["train_image"])
+        else:
+            client.set_tag(state["pipeline_run_id"], "device", kwargs.get("device", "cpu"))
+            result = train(state["dataset_name"], **kwargs)
         result = json.loads(json.dumps(result, default=_json_default))
         version = str(result["model_version"])
         state["model_version"] = version
