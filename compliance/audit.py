@@ -56,6 +56,8 @@ _append_lock = threading.Lock()
 CHECKPOINT_EXEMPT = frozenset({"prediction.served", "outcome.recorded", "api.request", "auth.login_failed"})
 # A row stored this recently may not have its audit entry yet (the entry follows the commit).
 ROW_GRACE_SECONDS = 60
+# PostgreSQL advisory-lock key for appends (a fixed 64-bit number: "cxr audit" in ASCII)
+AUDIT_APPEND_LOCK_KEY = int.from_bytes(b"cxraudit", "big") >> 1
 
 
 def compute_entry_hash(seq: int, time_utc: str, actor: str, role: str, action: str, subject: str,
@@ -87,10 +89,14 @@ def record_event(action: str, *, actor: str, role: str = "unknown", subject: str
     engine = get_engine(database_url)
     with _append_lock:
         # BEGIN IMMEDIATE on SQLite serialises writers across processes, so two processes never
-        # take the same sequence number.
+        # take the same sequence number. PostgreSQL: a transaction-scoped advisory lock does the same
+        # across API replicas (released at commit/rollback; needs no UPDATE/DELETE grant on the table,
+        # so the audit table may be INSERT/SELECT-only for the application role).
         with engine.connect() as conn:
             if engine.dialect.name == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+            elif engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_APPEND_LOCK_KEY})")
             else:
                 conn.exec_driver_sql("LOCK TABLE audit_trail IN EXCLUSIVE MODE")
             last = conn.execute(

@@ -20,6 +20,9 @@ target_sensitivity, actor, resume, ...) -> {"model_version", "run_id", "dataset_
 - Lifecycle events: ``training.started``, ``training.finished`` (also on failure), ``model.registered``,
   ``model.evaluated`` are handed to ``on_event(action, subject, details)``; the model library records
   nothing itself: the caller (``pipelines.lifecycle``) writes them to the audit trail.
+- Distributed (``models.distributed``): under torchrun's environment (``cxr train --nproc N``, torchrun, Kubeflow
+  Trainer) the model trains as DDP on disjoint shards; rank 0 alone logs, checkpoints, registers and reports
+  events, other ranks return ``{"rank", "world_size", "history", "weights_sha256", ...}``.
 """
 from __future__ import annotations
 
@@ -39,12 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import TrainingError  # noqa: F401 - part of this module's API
 from models.events import EventSink, no_event
+from models.loaders import DeviceResidentLoader  # noqa: F401 - part of this module's API
 from models.network import CLASSES, normalise_modalities
-
-
-class TrainingError(RuntimeError):
-    """A training run cannot start or finish (bad dataset, no labelled rows, ...): a clear message."""
 
 
 # ----------------------------------------------------------------------------------- data helpers
@@ -108,56 +109,6 @@ def build_loader(items: list[dict], transform, *, batch_size: int, shuffle: bool
     return ds, ThreadDataLoader(ds, buffer_size=2 if cuda else 1, **kwargs)
 
 
-class DeviceResidentLoader:
-    """A cached split held as tensors on the training device; batches are gathered on the device.
-
-    ``images`` (N, 1, S, S) float32 in [0, 1], ``vitals`` (N, F) float32, ``labels`` (N,) int64. Iterating
-    yields ``{"image", "vitals", "label"}`` batches like the DataLoader it replaces (same ``batch_size``,
-    ``shuffle``, ``drop_last`` semantics); ``generator`` (CPU) draws each epoch's order, so an epoch's
-    order is a function of its seed. Why: on a GPU a DenseNet step is bound by how fast the CPU launches
-    kernels, and a loader thread collating and pinning batches competes with it for the interpreter.
-    """
-
-    MAX_FRACTION_OF_FREE_MEMORY = 0.25
-
-    def __init__(self, ds, *, batch_size: int, shuffle: bool, drop_last: bool, seed: int, device: str):
-        import torch
-
-        rows = [ds[i] for i in range(len(ds))]  # cached: no transform runs again
-        self.images = torch.stack([torch.as_tensor(r["image"]).float() for r in rows]).to(device)
-        self.vitals = torch.stack([torch.as_tensor(r["vitals"]).float() for r in rows]).to(device)
-        self.labels = torch.as_tensor([int(r["label"]) for r in rows], dtype=torch.long).to(device)
-        self.batch_size, self.shuffle, self.drop_last, self.device = batch_size, shuffle, drop_last, device
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-
-    @staticmethod
-    def fits(ds, device: str) -> bool:
-        """Whether the split's images fit in the budget (always on the CPU; a quarter of free GPU memory)."""
-        import torch
-
-        if not device.startswith("cuda"):
-            return True
-        first = ds[0]["image"]
-        need = len(ds) * int(np.prod(tuple(first.shape))) * 4
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return need <= DeviceResidentLoader.MAX_FRACTION_OF_FREE_MEMORY * free
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self):
-        import torch
-
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
-        stop = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield {"image": self.images.index_select(0, idx), "vitals": self.vitals.index_select(0, idx),
-                   "label": self.labels.index_select(0, idx)}
 
 
 def to_device(batch: dict, device: str, modalities: Sequence[str]):
@@ -301,7 +252,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     from core.config import get_settings
     from core.identity import acting_user
     from core.lineage import git_commit
-    from models import registry
+    from models import distributed, registry
     from models.datasets import DatasetNotFound, load_dataset
     from models.network import FusionNet
     from models.transforms import VitalsEncoder, eval_transforms, train_transforms
@@ -342,6 +293,10 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
 
+    dctx = distributed.setup(device)  # one process unless launched distributed (torchrun environment)
+    device = dctx.device
+    if not dctx.is_main:
+        console.quiet = True
     prev_threads = torch.get_num_threads()
     if not cuda:
         torch.set_num_threads(max(1, min(prev_threads, int(os.environ.get("CXR_TORCH_THREADS", "8")))))
@@ -364,7 +319,8 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     fingerprint = data_fingerprint(man)
     key = {"dataset": dataset_name, "dataset_version": dataset_version, "fingerprint": fingerprint,
            "encoder": encoder, "image_size": image_size, "modalities": list(modalities), "seed": seed,
-           "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "device_kind": "cuda" if cuda else "cpu"}
+           "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "device_kind": "cuda" if cuda else "cpu",
+           **({"world_size": dctx.world_size} if dctx.enabled else {})}
     ckpt_dir = _checkpoint_dir(dataset_name, key)
     ckpt_path = ckpt_dir / "last.pt"
 
@@ -377,6 +333,7 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
                     modalities=modalities).to(device)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
+    train_net = dctx.wrap(net)  # DDP for the training steps; ``net`` itself for everything else
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
 
@@ -411,7 +368,16 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
     _, val_loader = build_loader(items["val"], eval_tf, batch_size=max(batch_size, 32), shuffle=False,
                                  device=device, seed=seed, num_workers=0, resident=augment == "device")
     cache_seconds = time.perf_counter() - t_cache
+    train_loader = dctx.shard_loader(train_loader, seed)
 
+    if not dctx.is_main:  # ranks > 0 train in lockstep; MLflow, audit, checkpoints and packaging are rank 0's
+        try:
+            return _fit_and_package(**{**locals(), "run_id": None, "commit": None, "params": {}})
+        finally:
+            torch.use_deterministic_algorithms(prev_det)
+            torch.backends.cudnn.benchmark = prev_bench
+            torch.set_num_threads(prev_threads)
+            dctx.close()
     registry.configure_mlflow()
     run = None
     if resumed_from is not None and state.get("run_id"):
@@ -434,7 +400,8 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
               "deterministic": deterministic, "bf16_autocast": use_amp, "augmentation": augment, "channels_last": cuda,
               "n_train": len(items["train"]), "n_val": len(items["val"]), "n_test": len(items["test"]),
               "n_unlabelled_excluded": n_unlabelled, "class_weights": json.dumps([round(x, 4) for x in cw]),
-              "n_vitals_features": vitals_encoder.n_features, "n_bootstrap": n_bootstrap}
+              "n_vitals_features": vitals_encoder.n_features, "n_bootstrap": n_bootstrap,
+              "world_size": dctx.world_size, "distributed_backend": dctx.backend or "none"}
     try:
         if resumed_from is None or prev_run != run_id:
             mlflow.log_params({k: str(v) for k, v in params.items()})
@@ -470,13 +437,14 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
         torch.use_deterministic_algorithms(prev_det)
         torch.backends.cudnn.benchmark = prev_bench
         torch.set_num_threads(prev_threads)
+        dctx.close()
 
 
 def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, val_loader, train_tf, seed, device,
                      modalities, class_weights, use_amp, ckpt_dir, ckpt_path, console, show_progress,
                      on_epoch_end, splits, ds, vitals_encoder, encoder, image_size, dataset_name, dataset_version,
                      target_sensitivity, n_bootstrap, actor, emit, run_id, commit, fingerprint, external,
-                     cache_seconds, warnings, params, augment, **_unused) -> dict:
+                     cache_seconds, warnings, params, augment, dctx=None, train_net=None, **_unused) -> dict:
     import mlflow
     import torch
     import torch.nn.functional as F
@@ -489,7 +457,13 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     from models.transforms import device_augment
 
     settings = get_settings()
-    mlflow.log_metric("cache_seconds", cache_seconds)
+    if dctx is None:
+        from models.distributed import DistContext
+
+        dctx = DistContext(device=device)
+    train_net = train_net if train_net is not None else net
+    if dctx.is_main:
+        mlflow.log_metric("cache_seconds", cache_seconds)
     start_epoch = state["epoch"] + 1
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
@@ -504,6 +478,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
             if hasattr(train_tf, "set_random_state"):
                 train_tf.set_random_state(seed=ep_seed % (2**32))
             train_loader.generator.manual_seed(ep_seed)
+            if hasattr(train_loader, "set_epoch"):  # distributed: this epoch's shard
+                train_loader.set_epoch(epoch)
             aug_gen = torch.Generator().manual_seed(ep_seed)
             net.train()
             task = progress.add_task("train", total=len(train_loader), epoch=f"{epoch}/{epochs}", info="")
@@ -513,30 +489,34 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                 img, vit, y = to_device(batch, device, modalities)
                 if augment == "device" and img is not None:
                     img = device_augment(img, aug_gen)
-                losses.append(train_step(net, opt, img, vit, y, class_weights, use_amp))
+                losses.append(train_step(train_net, opt, img, vit, y, class_weights, use_amp))
                 n_seen += len(y)
                 progress.update(task, advance=1, info=f"loss {np.mean(losses):.4f}")
             sched.step()
             train_seconds = time.perf_counter() - t0
+            if dctx.enabled:
+                dctx.end_epoch(net, epoch)  # rank 0's BatchNorm statistics everywhere; weights checked equal
             val_logits, val_y = predict_loader(net, val_loader, device, modalities, use_amp)
             val_loss = float(F.cross_entropy(torch.tensor(val_logits), torch.tensor(val_y)).item())
             val_auc = covid_auroc(val_y, val_logits)
             val_acc = float((val_logits.argmax(1) == val_y).mean())
-            score = val_auc if val_auc is not None else -val_loss
+            score = dctx.agree(val_auc if val_auc is not None else -val_loss)  # rank 0's, on every rank
             improved = score > state["best_score"] + 1e-4
             if improved:
                 state.update(best_score=score, best_epoch=epoch, bad_epochs=0,
                              best_state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
             else:
                 state["bad_epochs"] += 1
-            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "val_loss": val_loss,
+            metrics = {"train_loss": dctx.mean(float(np.mean(losses)) if losses else float("nan")), "val_loss": val_loss,
                        "val_accuracy": val_acc, "lr": float(opt.param_groups[0]["lr"]),
                        "epoch_seconds": train_seconds,
-                       "train_images_per_second": n_seen / train_seconds if train_seconds else 0.0}
+                       "train_images_per_second": n_seen * dctx.world_size / train_seconds if train_seconds else 0.0}
             if val_auc is not None:
                 metrics["val_auroc_covid19"] = val_auc
             state["epoch"] = epoch
             state["history"].append({"epoch": epoch, **metrics, "val_auroc_covid19": val_auc})
+            if not dctx.is_main:
+                continue
             mlflow.log_metrics(metrics, step=epoch)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = ckpt_path.with_suffix(".tmp")
@@ -554,6 +534,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                 on_epoch_end(epoch, metrics)
     if state["best_state"] is None:
         raise TrainingError("no epoch completed")
+    if not dctx.is_main:
+        return {**dctx.summary(), "history": state["history"], "best_epoch": state["best_epoch"]}
     net.load_state_dict(state["best_state"])
     net.eval()
 
@@ -702,7 +684,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     return {"model_version": version, "run_id": run_id, "dataset_version": dataset_version,
             "dataset": dataset_name, "model_name": registry.model_name(),
             "evaluation": summary, "evaluation_full": evaluation, "history": state["history"],
-            "checkpoint": str(ckpt_path), "warnings": evaluation["warnings"]}
+            "checkpoint": str(ckpt_path), "warnings": evaluation["warnings"],
+            **({"distributed_rank": {**dctx.summary(), "history": state["history"]}} if dctx.enabled else {})}
 
 
 def _monai_version() -> str:

@@ -122,3 +122,14 @@ def checkout_dataset(name: str, root: Path | None = None) -> None:
     proc = run_dvc(["checkout", "-q", "--force", f"data/{name}.dvc"], root, check=False)
     if proc.returncode != 0:  # not in the local cache: fetch from the remote
         run_dvc(["pull", "-q", "--force", f"data/{name}.dvc"], root)
+
+
+def ensure_dataset_present(name: str) -> None:
+    """On a cluster each task is a fresh pod: fetch ``data/NAME`` at the version its ``.dvc`` file names.
+
+    Locally the dataset is already in the working tree and this does nothing.
+    """
+    data = get_settings().data_dir
+    if (data / name / "manifest.parquet").exists() or not (data / f"{name}.dvc").exists():
+        return
+    pull_dataset(name)

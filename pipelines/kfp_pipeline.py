@@ -9,8 +9,9 @@ One linear graph runs in two places:
   registry the cluster can pull from and pass ``cxr pipeline submit --image REF`` (every task then
   runs REF; the committed YAML keeps the default). The image holds no ``data/`` (``.dockerignore``):
   the pods need ``CXR_PROJECT_ROOT`` pointing at a checkout of the repository with ``data/*.dvc`` and
-  ``.dvc/config`` (a volume or a git-sync init container). The training task asks for one
-  ``nvidia.com/gpu`` plus CPU/memory requests and uses CUDA when the node has it. Each task is a fresh
+  ``.dvc/config`` (a volume or a git-sync init container). The training task submits a Kubeflow Trainer
+  ``TrainJob`` (torch-distributed runtime; ``train_nodes`` x ``gpus_per_node`` GPUs, DDP) and waits for it
+  (pipelines/trainjob.py); its pods get the database and MLflow URLs from the ``cxr-secrets`` Secret. Each task is a fresh
   pod: it fetches the dataset version with ``dvc pull`` and talks to a shared MLflow server, so the
   pods need ``CXR_MLFLOW_TRACKING_URI`` (or ``MLFLOW_TRACKING_URI``), the DVC remote and its
   credentials (``AWS_*`` for S3/MinIO) and ``CXR_DATABASE_URL`` (the audit trail) in their
@@ -47,15 +48,12 @@ PIPELINE_DESCRIPTION = (
     "test + external sets, with CIs) -> compare with the champion -> register challenger (candidate) -> "
     "release-policy check. Never approves: approval is a human e-signature."
 )
-BASE_IMAGE = "covid-cxr:latest"  # built from the repository's Dockerfile (project + pinned deps)
+from pipelines.images import BASE_IMAGE  # noqa: E402 - built from the Dockerfile (project + pinned deps)
+
 COMPILED_YAML = Path(__file__).resolve().parent / "compiled" / "covid_cxr_training.yaml"
 
-# Resources the training task asks for on a cluster (ignored by the local runner).
-TRAIN_ACCELERATOR = "nvidia.com/gpu"
-TRAIN_ACCELERATOR_LIMIT = 1
-TRAIN_CPU_REQUEST = "4"
-TRAIN_MEMORY_REQUEST = "16G"
-TRAIN_MEMORY_LIMIT = "32G"
+# Resources the tasks ask for on a cluster (ignored by the local runner). The training GPUs are requested by
+# the Kubeflow Trainer TrainJob the train task submits (pipelines/trainjob.py), not by the task itself.
 STEP_CPU_REQUEST = "1"
 STEP_MEMORY_REQUEST = "4G"
 
@@ -78,7 +76,8 @@ def validate_dataset(dataset_name: str, external_datasets: str, params: str) -> 
 
 @_component
 def train_model(state: str) -> str:
-    """Train the challenger on the validated dataset version (GPU when the node has one)."""
+    """Train the challenger: on a cluster as a Kubeflow Trainer TrainJob (nodes x GPUs, DDP), waiting for it;
+    in-process under the local runner."""
     from pipelines.pipeline_steps import step_train
 
     return step_train(state)
@@ -123,7 +122,8 @@ def _small(task) -> None:
 @_component
 def bundle_params(epochs: int, image_size: int, encoder: str, batch_size: int, seed: int,
                  target_sensitivity: float, actor: str, n_bootstrap: int, min_train: int, min_val: int,
-                 min_test: int, min_class_fraction: float) -> str:
+                 min_test: int, min_class_fraction: float, train_launcher: str, train_nodes: int,
+                 gpus_per_node: int, train_image: str) -> str:
     """Bundle the run parameters into one JSON string (the first link of the linear chain)."""
     import json
 
@@ -131,7 +131,8 @@ def bundle_params(epochs: int, image_size: int, encoder: str, batch_size: int, s
         "epochs": epochs, "image_size": image_size, "encoder": encoder, "batch_size": batch_size,
         "seed": seed, "target_sensitivity": target_sensitivity, "actor": actor, "n_bootstrap": n_bootstrap,
         "min_train": min_train, "min_val": min_val, "min_test": min_test,
-        "min_class_fraction": min_class_fraction,
+        "min_class_fraction": min_class_fraction, "train_launcher": train_launcher, "train_nodes": train_nodes,
+        "gpus_per_node": gpus_per_node, "train_image": train_image,
     }, sort_keys=True)
 
 
@@ -151,24 +152,28 @@ def covid_cxr_training(
     min_val: int = 4,
     min_test: int = 6,
     min_class_fraction: float = 0.05,
+    train_launcher: str = "trainjob",
+    train_nodes: int = 1,
+    gpus_per_node: int = 1,
+    train_image: str = BASE_IMAGE,
 ) -> str:
-    """The graph is linear on purpose (kfp local runner limits); decisions happen inside components."""
+    """The graph is linear on purpose (kfp local runner limits); decisions happen inside components.
+
+    ``train_launcher``: ``trainjob`` (cluster: a Kubeflow Trainer TrainJob of ``train_nodes`` x ``gpus_per_node``
+    on the torch-distributed runtime, pipelines/trainjob.py) or ``inprocess`` (the local runner)."""
     params = bundle_params(
         epochs=epochs, image_size=image_size, encoder=encoder, batch_size=batch_size, seed=seed,
         target_sensitivity=target_sensitivity, actor=actor, n_bootstrap=n_bootstrap, min_train=min_train,
-        min_val=min_val, min_test=min_test, min_class_fraction=min_class_fraction,
+        min_val=min_val, min_test=min_test, min_class_fraction=min_class_fraction, train_launcher=train_launcher,
+        train_nodes=train_nodes, gpus_per_node=gpus_per_node, train_image=train_image,
     )
     validate = validate_dataset(dataset_name=dataset_name, external_datasets=external_datasets, params=params.output)
     validate.set_display_name("validate dataset version")
     _small(validate)
 
     train = train_model(state=validate.output)
-    train.set_display_name("train (GPU)")
-    (train.set_accelerator_type(TRAIN_ACCELERATOR)
-          .set_accelerator_limit(TRAIN_ACCELERATOR_LIMIT)
-          .set_cpu_request(TRAIN_CPU_REQUEST)
-          .set_memory_request(TRAIN_MEMORY_REQUEST)
-          .set_memory_limit(TRAIN_MEMORY_LIMIT))
+    train.set_display_name("train (Kubeflow Trainer TrainJob: nodes x GPUs)")
+    _small(train)  # it submits and waits: the GPUs belong to the TrainJob's pods
 
     evaluate = evaluate_model(state=train.output)
     evaluate.set_display_name("evaluate (internal + external)")
@@ -220,7 +225,7 @@ def run_local(*, dataset_name: str, external_datasets: list[str] | None = None, 
         dataset_name=dataset_name, external_datasets=json.dumps(list(external_datasets or [])), epochs=epochs,
         image_size=image_size, encoder=encoder, batch_size=batch_size, seed=seed,
         target_sensitivity=target_sensitivity, actor=actor, n_bootstrap=n_bootstrap, min_train=min_train,
-        min_val=min_val, min_test=min_test, min_class_fraction=min_class_fraction,
+        min_val=min_val, min_test=min_test, min_class_fraction=min_class_fraction, train_launcher="inprocess",
     )
     out = task.output if hasattr(task, "output") else task.outputs["Output"]
     return json.loads(out)

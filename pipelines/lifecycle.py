@@ -27,16 +27,25 @@ def actor_role(actor: str) -> str:
         return "unknown"
 
 
-def audit_sink(actor: str, role: str | None = None) -> EventSink:
-    """An event sink that appends each event to the audit trail as ``actor`` (role looked up once)."""
-    role = role or actor_role(actor)
+class AuditSink:
+    """An event sink that appends each event to the audit trail as ``actor`` with ``role``.
 
-    def sink(action: str, subject: str, details: dict) -> None:
+    A plain picklable object (not a closure): distributed training hands it to every rank's process;
+    only rank 0 reports events.
+    """
+
+    def __init__(self, actor: str, role: str) -> None:
+        self.actor, self.role = actor, role
+
+    def __call__(self, action: str, subject: str, details: dict) -> None:
         # details pass through JSON so numpy scalars and paths are stored as plain values
-        record_event(action, actor=actor, role=role, subject=subject,
+        record_event(action, actor=self.actor, role=self.role, subject=subject,
                      details=json.loads(json.dumps(details, default=_plain)))
 
-    return sink
+
+def audit_sink(actor: str, role: str | None = None) -> EventSink:
+    """The audit trail as an event sink for ``actor`` (role looked up once in the user store)."""
+    return AuditSink(actor, role or actor_role(actor))
 
 
 def _plain(o: Any) -> Any:
@@ -52,12 +61,18 @@ def _plain(o: Any) -> Any:
     return str(o)
 
 
-def train_and_record(dataset_name: str, *, actor: str | None = None, **train_kwargs: Any) -> dict:
-    """``models.train.train`` with its lifecycle events written to the audit trail."""
+def train_and_record(dataset_name: str, *, actor: str | None = None, nproc: int = 1, **train_kwargs: Any) -> dict:
+    """``models.train.train`` with its lifecycle events written to the audit trail; ``nproc > 1``: the same
+    on that many local processes (DDP, ``models.launch.launch``; rank 0 reports the events)."""
+    actor = acting_user(actor)
+    sink = audit_sink(actor)
+    if nproc > 1:
+        from models.launch import launch
+
+        return launch(nproc, dataset_name, actor=actor, on_event=sink, **train_kwargs)
     from models.train import train
 
-    actor = acting_user(actor)
-    return train(dataset_name, actor=actor, on_event=audit_sink(actor), **train_kwargs)
+    return train(dataset_name, actor=actor, on_event=sink, **train_kwargs)
 
 
 def evaluate_and_record(model_version: str | int, dataset_name: str, *, actor: str | None = None,

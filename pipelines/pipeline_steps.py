@@ -111,6 +111,9 @@ def _dumps(state: dict) -> str:
     return json.dumps(state, sort_keys=True, default=_json_default)
 
 
+from pipelines.dvc_store import ensure_dataset_present  # noqa: E402,F401 - a step helper, kept importable here
+
+
 def _audit(action: str, *, actor: str, subject: str, details: dict, role: str | None = None) -> None:
     from compliance.audit import record_event
     from pipelines.lifecycle import actor_role
@@ -118,21 +121,6 @@ def _audit(action: str, *, actor: str, subject: str, details: dict, role: str | 
     role = role or actor_role(actor)
     record_event(action, actor=actor, role=role, subject=subject,
                  details=json.loads(json.dumps(details, default=_json_default)))
-
-
-def ensure_dataset_present(name: str) -> None:
-    """On a cluster each task is a fresh pod: fetch ``data/NAME`` at the version its ``.dvc`` file names.
-
-    Locally the dataset is already in the working tree and this does nothing.
-    """
-    from core.config import get_settings
-
-    data = get_settings().data_dir
-    if (data / name / "manifest.parquet").exists() or not (data / f"{name}.dvc").exists():
-        return
-    from pipelines.dvc_store import pull_dataset
-
-    pull_dataset(name)
 
 
 def _model_subject(version: str) -> str:
@@ -360,8 +348,16 @@ def step_train(state_json: str) -> str:
         ensure_dataset_present(state["dataset_name"])
         kwargs = _train_kwargs(p)
         state["train_kwargs"] = kwargs
-        client.set_tag(state["pipeline_run_id"], "device", kwargs.get("device", "cpu"))
-        result = train_and_record(state["dataset_name"], **kwargs)
+        if p.get("train_launcher", "inprocess") == "trainjob":  # cluster: Kubeflow Trainer TrainJob (DDP)
+            from pipelines.trainjob import run_train_job
+
+            kwargs["device"] = "cuda" if int(p.get("gpus_per_node", 1)) else "cpu"
+            client.set_tag(state["pipeline_run_id"], "device", f"{p.get('train_nodes', 1)}x{kwargs['device']}")
+            result = run_train_job(state["dataset_name"], kwargs, nodes=int(p.get("train_nodes", 1)),
+                                   gpus_per_node=int(p.get("gpus_per_node", 1)), image=p["train_image"])
+        else:
+            client.set_tag(state["pipeline_run_id"], "device", kwargs.get("device", "cpu"))
+            result = train_and_record(state["dataset_name"], **kwargs)
         result = json.loads(json.dumps(result, default=_json_default))
         version = str(result["model_version"])
         state["model_version"] = version

@@ -38,6 +38,8 @@ class ApiEnv:
     users: dict[str, str] = field(default_factory=lambda: dict(USERS))
     password: str = PASSWORD
     extra_versions: list[str] = field(default_factory=list)
+    database_url: str | None = None  # the app database when not the SQLite default (PostgreSQL runs)
+    backend: str = "sqlite"
 
     def headers(self, role: str, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}", **extra}
@@ -49,6 +51,8 @@ class ApiEnv:
                     "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
         for k in ("MLFLOW_TRACKING_URI", "CXR_DATABASE_URL", "CXR_AUDIT_HMAC_KEY"):
             env.pop(k, None)
+        if self.database_url:
+            env["CXR_DATABASE_URL"] = self.database_url
         return env
 
     def new_champion(self, reason: str = "switch test: same weights re-registered") -> str:
@@ -88,9 +92,11 @@ def _synth(out: Path, patients: int, seed: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def api_env(tmp_path_factory: pytest.TempPathFactory) -> ApiEnv:
+def api_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ApiEnv:
+    """Parametrised by the app database backend (tests/conftest.py: ``sqlite`` or ``postgresql``)."""
+    backend = getattr(request, "param", "sqlite")
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    base = tmp_path_factory.mktemp("api")
+    base = tmp_path_factory.mktemp(f"api-{backend}")
     home, project = base / "home", base / "project"
     home.mkdir()
     project.mkdir()
@@ -98,6 +104,10 @@ def api_env(tmp_path_factory: pytest.TempPathFactory) -> ApiEnv:
                        "CXR_USER": "rita"})
     for k in ("MLFLOW_TRACKING_URI", "CXR_DATABASE_URL", "CXR_AUDIT_HMAC_KEY"):
         os.environ.pop(k, None)
+    database_url = None
+    if backend == "postgresql":
+        _, database_url = request.getfixturevalue("postgres_server").create_database("cxr_api")
+        os.environ["CXR_DATABASE_URL"] = database_url
     _reset()
     try:
         from compliance.approvals import approve_model_version
@@ -117,7 +127,8 @@ def api_env(tmp_path_factory: pytest.TempPathFactory) -> ApiEnv:
                               reason="API test champion (tiny synthetic model)",
                               override_policy_reason="tiny CI model: the release policy cannot pass on 40 patients")
         tokens = {role: issue_token(name, actor=USERS["admin"]) for role, name in USERS.items()}
-        yield ApiEnv(home=home, project=project, version=version, tokens=tokens)
+        yield ApiEnv(home=home, project=project, version=version, tokens=tokens, database_url=database_url,
+                     backend=backend)
     finally:
         _reset()
         for k, v in saved.items():

@@ -8,6 +8,8 @@ import pytest
 from api_fixtures import api_env  # noqa: F401
 from dicom_factory import make_dicom
 
+pytestmark = pytest.mark.app_databases  # the session's API environment on SQLite and on PostgreSQL
+
 VITALS = {"temperature_c": 38.4, "spo2_percent": 91, "heart_rate_bpm": 104, "respiratory_rate": 24,
           "systolic_bp_mmhg": 118, "age_years": 57, "sex": "F"}
 

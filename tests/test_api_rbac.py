@@ -8,6 +8,8 @@ import pytest
 from api_fixtures import ROLES, api_env  # noqa: F401
 from dicom_factory import make_dicom
 
+pytestmark = pytest.mark.app_databases  # the session's API environment on SQLite and on PostgreSQL
+
 ALLOWED = {
     "predict": {"clinician", "admin"},
     "get_prediction": {"clinician", "admin"},

@@ -209,8 +209,8 @@ def test_dicom_listener_and_example_pacs_agree(rendered):
     modality (for routing studies to it); Prometheus scrapes the listener's metrics port."""
     import json
 
-    from core.config import Settings
     from app.dicom.sender import Destination
+    from core.config import Settings
 
     services = rendered["services"]
     listener, pacs = services["dicom"], services["orthanc"]

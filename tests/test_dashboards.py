@@ -3,7 +3,6 @@ only metrics the app exports or the rules record; provisioning matches the panel
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
 import subprocess

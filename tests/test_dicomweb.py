@@ -102,8 +102,8 @@ def test_same_pixels_same_probability_through_rest_and_stow(client, api_env):  #
     assert rest.status_code == 200, rest.text
     r = _stow(client, clin, [data])
     assert r.status_code == 200, r.text
-    from compliance.audit import list_events
     from app.storage import get_prediction
+    from compliance.audit import list_events
 
     pid = [e for e in list_events(action="prediction.served") if e["details"].get("channel") == "stow"][-1][
         "details"]["prediction_id"]

@@ -8,14 +8,16 @@ in the audit trail; ``cxr audit verify`` OK via the CLI; tampering in SQLite →
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 
 import pytest
 import typer
 from _governance_fixtures import GOOD_EVALUATION, ensure_mlflow_db, failing_evaluation, make_version, mlflow_client
+from app_db import execute
 from typer.testing import CliRunner
+
+pytestmark = pytest.mark.app_databases  # SQLite and PostgreSQL
 
 PW = {"root": "root-password-1", "rita": "rita-password-1", "alice": "alice-password-1",
       "carol": "carol-password-1"}
@@ -175,32 +177,25 @@ def test_governance_story(cxr_env):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "audit chain intact" in proc.stdout
 
-    # --- tamper directly in SQLite: verify fails and names the entry ------------------------------------
+    # --- tamper directly in the database: verify fails and names the entry ------------------------------
     from compliance.audit import list_events
 
     seq = list_events(action="model.approved")[0]["seq"]
-    con = sqlite3.connect(cxr_env / "home" / "cxr.db")
     # (a) the signature row alone is edited: the chain is intact but the signature no longer verifies
-    con.execute("UPDATE e_signatures SET reason='rubber stamp' WHERE version=? AND action='approve'", (v_good,))
-    con.commit()
+    execute("UPDATE e_signatures SET reason='rubber stamp' WHERE version=:v AND action='approve'", {"v": v_good})
     r = run(["audit", "verify"])
     assert r.exit_code == 1 and "E-SIGNATURE INVALID" in r.output and f"audit entry {seq}" in r.output
     assert not verify_signature(signatures(v_good)[0])
     # (b) the audit entry itself is edited to match: the chain names the entry
-    con.execute("UPDATE audit_trail SET details=replace(details, 'meets release policy', 'rubber stamp') WHERE seq=?",
-                (seq,))
-    con.commit()
-    con.close()
+    execute("UPDATE audit_trail SET details=replace(details, 'meets release policy', 'rubber stamp') WHERE seq=:s",
+            {"s": seq})
     r = run(["audit", "verify"])
     assert r.exit_code == 1
     assert "AUDIT CHAIN BROKEN" in r.output and f"entry {seq}:" in r.output and "Traceback" not in r.output
     # (c) a signature row deleted: its signing audit entry reports it missing
     from compliance.approvals import verify_signatures
 
-    con = sqlite3.connect(cxr_env / "home" / "cxr.db")
-    con.execute("DELETE FROM e_signatures WHERE version=? AND action='reject'", (v_alice,))
-    con.commit()
-    con.close()
+    execute("DELETE FROM e_signatures WHERE version=:v AND action='reject'", {"v": v_alice})
     assert any("missing (deleted)" in p["problem"] for p in verify_signatures())
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 PLANTED_NAME = "Quixotebottom^Zebulon"
 PLANTED_ID = "PLANTED-PID-93817"
@@ -113,7 +112,6 @@ def test_dicom_import_validates_deidentifies_and_splits(cxr_env: Path):
     from app.cli.data_import import register_data_commands
     from compliance.audit import list_events, verify_chain
     from models.datasets import load_dataset
-    from pipelines.ingest import import_dataset
 
     src = cxr_env / "source"
     rows = build_folder(src)

@@ -27,18 +27,18 @@ def _spec() -> dict:
     return yaml.safe_load(COMPILED_YAML.read_text())
 
 
-def test_train_task_requests_a_gpu() -> None:
+def test_no_task_requests_a_gpu_the_trainjob_does() -> None:
+    """The train task submits a Kubeflow Trainer TrainJob and waits: the GPUs are the TrainJob's (nodes x
+    gpus_per_node, pipeline parameters; tests/test_trainjob.py checks its body)."""
     spec = _spec()
     executors = spec["deploymentSpec"]["executors"]
-    tasks = spec["root"]["dag"]["tasks"]
-    train_exec = tasks["train-model"]["componentRef"]["name"].replace("comp-", "exec-")
-    res = executors[train_exec]["container"]["resources"]
-    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert str(res["accelerator"]["resourceCount"]) == "1"
-    assert res.get("resourceCpuRequest") and res.get("resourceMemoryRequest")
-    # only the training task asks for a GPU
-    others = [n for n, e in executors.items() if n != train_exec and "accelerator" in e["container"].get("resources", {})]
-    assert others == []
+    assert [n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})] == []
+    train_exec = spec["root"]["dag"]["tasks"]["train-model"]["componentRef"]["name"].replace("comp-", "exec-")
+    assert executors[train_exec]["container"]["resources"].get("resourceCpuRequest")  # a small launcher pod
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["train_launcher"]["defaultValue"] == "trainjob"
+    assert (params["train_nodes"]["defaultValue"], params["gpus_per_node"]["defaultValue"]) == (1, 1)
+    assert params["train_image"]["defaultValue"] == BASE_IMAGE
 
 
 def test_components_install_nothing_at_run_time_and_use_the_project_image() -> None:

@@ -11,7 +11,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from tests._pipeline_fixtures import TINY, TINY_VALIDATION, import_cohort

@@ -92,7 +92,8 @@ def test_submit_sends_the_compiled_pipeline_with_gpu_request(cxr_env, fake_clust
     monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client reads ~/.config/kfp/context.json
     url, received = fake_cluster
     res = CliRunner().invoke(root, ["pipeline", "submit", "--host", url, "--experiment", "variant-retraining",
-                                    "--dataset", "cohort", "--external", "site-b", "--epochs", "3", "--as", "alice"])
+                                    "--dataset", "cohort", "--external", "site-b", "--epochs", "3", "--as", "alice",
+                                    "--nodes", "2", "--gpus-per-node", "4"])
     assert res.exit_code == 0, res.output
     out, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{"):])
     assert out["run_id"] == "run-123" and out["image"] == "covid-cxr:latest"
@@ -104,11 +105,12 @@ def test_submit_sends_the_compiled_pipeline_with_gpu_request(cxr_env, fake_clust
     rc = run["runtime_config"]["parameters"]
     assert rc["dataset_name"] == "cohort" and json.loads(rc["external_datasets"]) == ["site-b"]
     assert rc["epochs"] == 3 and rc["actor"] == "alice"
+    assert (rc["train_nodes"], rc["gpus_per_node"]) == (2, 4)  # the TrainJob's size (pipelines/trainjob.py)
     spec = run["pipeline_spec"]
     assert spec["pipelineInfo"]["name"] == "covid-cxr-training"
     train = spec["deploymentSpec"]["executors"]["exec-train-model"]["container"]
     assert train["image"] == "covid-cxr:latest"
-    assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "accelerator" not in train["resources"]  # the GPUs belong to the TrainJob's pods
     experiments = [b for m, p, b in received if m == "POST" and p.startswith("/apis/v2beta1/experiments")]
     assert experiments and experiments[0]["display_name"] == "variant-retraining"
 
@@ -122,5 +124,4 @@ def test_submit_can_point_every_task_at_another_image(cxr_env, fake_cluster, mon
     run = [b for m, p, b in received if m == "POST" and p.startswith("/apis/v2beta1/runs")][0]
     images = {e["container"]["image"] for e in run["pipeline_spec"]["deploymentSpec"]["executors"].values()}
     assert images == {image}
-    train = run["pipeline_spec"]["deploymentSpec"]["executors"]["exec-train-model"]["container"]
-    assert train["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert run["runtime_config"]["parameters"]["train_image"] == image  # the TrainJob runs it too

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 
 import numpy as np
 import pytest

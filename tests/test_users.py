@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 
 import pytest
 import typer
+from app_db import dump_text, execute
 from typer.testing import CliRunner
 
-
-def _db(env):
-    return sqlite3.connect(env / "home" / "cxr.db")
+pytestmark = pytest.mark.app_databases  # SQLite and PostgreSQL
 
 
 def _events(action):
@@ -24,7 +22,7 @@ def test_passwords_are_salted_scrypt_and_authenticate(cxr_env):
 
     create_user("alice", "approver", "same-password-1", full_name="Alice Approver", actor="root")
     create_user("bob", "clinician", "same-password-1", actor="root")
-    rows = dict(_db(cxr_env).execute("SELECT name, password_hash FROM users").fetchall())
+    rows = dict(execute("SELECT name, password_hash FROM users"))
     assert all(h.startswith("scrypt$16384$8$1$") for h in rows.values())
     assert rows["alice"] != rows["bob"]  # per-user salt
     assert "same-password-1" not in " ".join(rows.values())
@@ -89,9 +87,10 @@ def test_tokens_hashed_revoked_expired_and_disabled_users(cxr_env):
     assert t1 != t2 and t1.startswith("cxr_") and len(t1) > 40
     u = user_for_token(t1)
     assert u is not None and (u.name, u.role, u.active) == ("dr-a", "clinician", True)
-    stored = [r[0] for r in _db(cxr_env).execute("SELECT token_sha256 FROM api_tokens").fetchall()]
+    stored = [r[0] for r in execute("SELECT token_sha256 FROM api_tokens")]
     assert hashlib.sha256(t1.encode()).hexdigest() in stored
-    dump = "\n".join(_db(cxr_env).iterdump())
+    dump = dump_text()
+    assert hashlib.sha256(t1.encode()).hexdigest() in dump  # the dump does hold the stored rows
     assert t1 not in dump and t2 not in dump  # only hashes at rest
     assert user_for_token("cxr_forged") is None and user_for_token("") is None
 
@@ -107,10 +106,8 @@ def test_tokens_hashed_revoked_expired_and_disabled_users(cxr_env):
     assert user_for_token(t3) is None
 
     # expiry
-    con = _db(cxr_env)
-    con.execute("UPDATE api_tokens SET expires_at='2000-01-01T00:00:00Z' WHERE token_sha256=?",
-                (hashlib.sha256(t2.encode()).hexdigest(),))
-    con.commit()
+    execute("UPDATE api_tokens SET expires_at='2000-01-01T00:00:00Z' WHERE token_sha256=:h",
+            {"h": hashlib.sha256(t2.encode()).hexdigest()})
     assert user_for_token(t2) is None
 
     # disabling the user invalidates every token and the password

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import redirect_stdout
 from typing import Optional
@@ -36,6 +37,8 @@ def train_cmd(
                                                  help="deterministic algorithms (default: on for CPU, off for GPU)"),
     as_user: Optional[str] = typer.Option(None, "--as", help="acting user (default CXR_USER, then OS user)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object at the end (stdout)"),
+    nproc: int = typer.Option(1, "--nproc", min=1,
+                              help="data-parallel processes on this machine (DDP: NCCL, one per GPU; gloo on CPU)"),
 ) -> None:
     """Train FusionNet on a dataset, evaluate it on the test split, register a candidate version."""
     if encoder not in ("densenet121", "small"):
@@ -49,9 +52,11 @@ def train_cmd(
     from models.train import TrainingError
     from pipelines.lifecycle import train_and_record
 
+    # under torchrun every rank runs this command itself: then each is one process of the job
+    nproc = nproc if "WORLD_SIZE" not in os.environ else 1
     try:
         with redirect_stdout(sys.stderr):  # stdout carries only the result
-            result = train_and_record(dataset, epochs=epochs, image_size=image_size, device=device, seed=seed,
+            result = train_and_record(dataset, nproc=nproc, epochs=epochs, image_size=image_size, device=device, seed=seed,
                            modalities=mods, encoder=encoder, batch_size=batch_size,
                            target_sensitivity=target_sensitivity, actor=as_user, resume=resume, lr=lr,
                            patience=patience, n_bootstrap=n_bootstrap, deterministic=deterministic,
@@ -60,6 +65,8 @@ def train_cmd(
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted: continue with --resume", 130)
+    if result.get("model_version") is None:  # a rank > 0 of a distributed run: rank 0 reports
+        return
     from models.evaluate import _json_default
 
     if json_out:

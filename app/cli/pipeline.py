@@ -181,13 +181,17 @@ def submit_cmd(
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the endpoint."),
     image: Optional[str] = typer.Option(None, "--image", help="Container image for every task (default "
                                         "covid-cxr:latest), e.g. your registry's GPU build of the Dockerfile."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="TrainJob nodes (Kubeflow Trainer, torch-distributed)"),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node", min=0, help="GPUs per TrainJob node (0: CPU, gloo)"),
 ) -> None:
     """Submit the compiled pipeline to a Kubeflow cluster (image covid-cxr:latest, GPU for training)."""
     from core.identity import acting_user
 
     args = {"dataset_name": dataset, "external_datasets": json.dumps(list(external)), "epochs": epochs,
             "image_size": image_size, "encoder": encoder, "batch_size": batch_size, "seed": seed,
-            "actor": acting_user(as_user)}
+            "actor": acting_user(as_user), "train_nodes": nodes, "gpus_per_node": gpus_per_node}
+    if image:
+        args["train_image"] = image  # the TrainJob's pods run the same image
     try:
         out = submit_pipeline(host, experiment=experiment, arguments=args, run_name=run_name,
                               namespace=namespace, timeout=timeout, image=image)
