@@ -36,8 +36,10 @@ from typing import Any
 import numpy as np
 
 from models.network import CLASSES
+from models.statistics import (AUROC_METHOD, ECE_METHOD, PROPORTION_METHOD, auroc_interval, binary_calibration,
+                               clustered_proportion, reliability_bins)
 
-SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view", "site", "source", "variant")
+SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view", "site", "source", "variant", "label_source")
 SMALL_GROUP = 30
 AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
 
@@ -177,6 +179,48 @@ def _with_ci(value: float | None, samples: Sequence[float]) -> dict:
             "ci_high": float(np.percentile(arr, 97.5)), "n_bootstrap_valid": int(len(arr))}
 
 
+INTERVAL_METHOD_SHORT = ("95% CI: proportions Clopper-Pearson exact with patient design effect; "
+                         "AUROC Newcombe score interval on patient counts")
+
+
+def interval_methods() -> dict[str, Any]:
+    """What ``ci_low``/``ci_high`` mean, named in evaluation.json, the PDF report and the model card."""
+    return {"confidence": 0.95, "proportions": PROPORTION_METHOD, "auroc": AUROC_METHOD,
+            "calibration_ece": ECE_METHOD, "cluster_unit": "patient",
+            "reference": "models/statistics.py; Clopper & Pearson 1934; Kish 1965; Newcombe 2006 (Stat Med 25:559)"}
+
+
+def small_sample_intervals(y: np.ndarray, p: np.ndarray, thr: float, patients: np.ndarray, point: dict,
+                           boot: dict) -> dict[str, Any]:
+    """Per metric ``{"value", "ci_low", "ci_high", "method", "bootstrap_ci_low", "bootstrap_ci_high", ...}``:
+    exact/score intervals that stay honest at small n (models/statistics.py); the percentile patient
+    bootstrap is kept beside them for comparison."""
+    pred = p >= thr
+    parts = {"sensitivity": (pred[y], patients[y]), "specificity": (~pred[~y], patients[~y]),
+             "ppv": (y[pred], patients[pred]), "npv": (~y[~pred], patients[~pred])}
+    out: dict[str, Any] = {}
+    for k, (outcome, cl) in parts.items():
+        m = clustered_proportion(outcome, cl)
+        m["value"] = point[k]
+        b = _with_ci(point[k], boot[k])
+        m.update(bootstrap_ci_low=b["ci_low"], bootstrap_ci_high=b["ci_high"],
+                 n_bootstrap_valid=b["n_bootstrap_valid"])
+        out[k] = m
+    n_pos, n_neg = len(set(patients[y].tolist())), len(set(patients[~y].tolist()))
+    lo, hi = auroc_interval(point["auroc"], n_pos, n_neg)
+    b = _with_ci(point["auroc"], boot["auroc"])
+    out["auroc"] = {"value": point["auroc"], "ci_low": lo, "ci_high": hi, "method": "newcombe-score",
+                    "n_pos_patients": n_pos, "n_neg_patients": n_neg, "bootstrap_ci_low": b["ci_low"],
+                    "bootstrap_ci_high": b["ci_high"], "n_bootstrap_valid": b["n_bootstrap_valid"]}
+    return out
+
+
+def patient_class_counts(y: np.ndarray, patients: np.ndarray) -> dict[str, int]:
+    """Distinct patients with a covid19 image / with a non-covid19 image (the policy's minimums)."""
+    return {"n_patients_covid19": int(len(set(patients[y].tolist()))),
+            "n_patients_not_covid19": int(len(set(patients[~y].tolist())))}
+
+
 def age_band(age: Any) -> str:
     try:
         a = float(age)
@@ -217,9 +261,14 @@ def _subgroups(meta, y: np.ndarray, p: np.ndarray, thr: float, patients: np.ndar
                 notes.append("no covid19 case: sensitivity and AUROC undefined")
             if yy.all():
                 notes.append("no non-covid19 case: specificity and AUROC undefined")
+            pm, pred_m = patients[m], pp >= thr
+            sens_ci = clustered_proportion(pred_m[yy], pm[yy])
+            spec_ci = clustered_proportion(~pred_m[~yy], pm[~yy])
             groups[value] = {"n_images": n_img, "n_patients": int(len(np.unique(patients[m]))),
                              "n_covid19": int(yy.sum()), "auroc": bm["auroc"], "sensitivity": bm["sensitivity"],
                              "specificity": bm["specificity"], "small": n_img < SMALL_GROUP,
+                             "sensitivity_ci": [sens_ci["ci_low"], sens_ci["ci_high"]],
+                             "specificity_ci": [spec_ci["ci_low"], spec_ci["ci_high"]],
                              "note": "; ".join(notes)}
         out[attr] = groups
     return out
@@ -260,7 +309,8 @@ def evaluate_predictions(labels: Sequence[int] | np.ndarray, logits: np.ndarray,
     if 0 < n_patients < 20:
         warnings.append(f"only {n_patients} patients: confidence intervals are wide")
     pred = p >= threshold
-    cvr: dict[str, Any] = {k: _with_ci(point[k], boot[k]) for k in point}
+    cvr: dict[str, Any] = small_sample_intervals(y, p, threshold, patients, point, boot) if n else \
+        {k: _with_ci(point[k], boot[k]) for k in point}
     cvr["threshold"] = float(threshold)
     cvr["threshold_selection"] = threshold_selection or {}
     cvr["counts"] = {"tp": int((pred & y).sum()), "fp": int((pred & ~y).sum()), "tn": int((~pred & ~y).sum()),
@@ -290,10 +340,20 @@ def evaluate_predictions(labels: Sequence[int] | np.ndarray, logits: np.ndarray,
         "n_images": int(n),
         "class_counts": {c: int((y_cls == i).sum()) for i, c in enumerate(classes)},
         "bootstrap": {"n": int(n_bootstrap), "unit": "patient", "seed": int(seed), "ci": 0.95,
-                      "method": "percentile"},
+                      "method": "percentile",
+                      "use": "secondary: reported as bootstrap_ci_low/high; ci_low/ci_high (what the release "
+                             "policy reads) use the methods in 'intervals'"},
+        "intervals": interval_methods(),
+        "interval_method": INTERVAL_METHOD_SHORT,
         "warnings": warnings,
     }
+    evaluation.update(patient_class_counts(y, patients))
+    evaluation["calibration"]["covid19"] = binary_calibration(p, y, patients, n_bootstrap=n_bootstrap, seed=seed) \
+        if n else None
     curves: dict[str, Any] = {"probs": probs, "probs_before": probs_before, "labels": y_cls}
+    if meta is not None and n and "site" in meta:
+        curves["site"] = np.asarray([str(v) if str(v) not in ("", "nan", "None") else "unknown"
+                                     for v in meta["site"].tolist()], dtype=object)
     if n and 0 < y.sum() < n:
         fpr, tpr, _ = roc_curve(y, p)
         curves["roc"] = (fpr, tpr)
@@ -359,6 +419,8 @@ def write_plots(evaluation: dict, out_dir: Path, curves: dict) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
+    paths += _covid19_reliability_plots(evaluation, out_dir, curves, plt)
+
     cm = np.asarray(evaluation["confusion_matrix"]["matrix"])
     names = evaluation["confusion_matrix"]["labels"]
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
@@ -377,6 +439,68 @@ def write_plots(evaluation: dict, out_dir: Path, curves: dict) -> list[Path]:
     return paths
 
 
+MAX_SITE_PLOTS = 12
+
+
+def _covid19_reliability_plots(evaluation: dict, out_dir: Path, curves: dict, plt) -> list[Path]:
+    """``reliability_covid19.png`` (all sites, one line per site) and ``reliability_covid19_site-<k>.png``
+    per site (the largest ``MAX_SITE_PLOTS`` sites; the rest pooled as ``other-sites``): P(covid19)
+    against the observed covid19 rate, with the binary ECE."""
+    import re
+
+    labels = curves["labels"]
+    if len(labels) == 0:
+        return []
+    p = curves["probs"][:, 0]
+    y = (labels == 0).astype(float)
+    sites = curves.get("site")
+    if sites is None:
+        sites = np.array(["all"] * len(y), dtype=object)
+    names, counts = np.unique(sites, return_counts=True)
+    order = [str(names[i]) for i in np.argsort(-counts, kind="stable")]
+    keep = order[:MAX_SITE_PLOTS]
+    grouped = np.array([s if s in keep else "other-sites" for s in sites], dtype=object)
+    groups = keep + (["other-sites"] if len(order) > MAX_SITE_PLOTS else [])
+    paths: list[Path] = []
+    per_site: dict[str, Any] = {}
+
+    def draw(ax, pp, yy, label):
+        bins = reliability_bins(pp, yy)
+        ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], "o-", label=label)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for k, site in enumerate(groups):
+        m = grouped == site
+        from models.statistics import binary_ece as _bece
+
+        ece = _bece(p[m], y[m])
+        per_site[site] = {"n_images": int(m.sum()), "ece": ece, "bins": reliability_bins(p[m], y[m])}
+        draw(ax, p[m], y[m], f"{site} (n={int(m.sum())}, ECE {ece:.3f})")
+        f2, a2 = plt.subplots(figsize=(4.5, 4.5))
+        draw(a2, p[m], y[m], f"ECE {ece:.3f}")
+        a2.plot([0, 1], [0, 1], "k--", lw=0.8)
+        a2.set(xlabel="predicted P(covid19)", ylabel="observed covid19 rate", xlim=(0, 1), ylim=(0, 1),
+               title=f"Reliability P(covid19): {site[:40]} (n={int(m.sum())})")
+        a2.legend(loc="upper left", fontsize=8)
+        f2.tight_layout()
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", site)[:40].strip("-") or f"site{k}"
+        paths.append(out_dir / f"reliability_covid19_site-{slug}.png")
+        f2.savefig(paths[-1], dpi=90)
+        plt.close(f2)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="predicted P(covid19)", ylabel="observed covid19 rate", xlim=(0, 1), ylim=(0, 1),
+           title="Reliability of P(covid19) by site")
+    ax.legend(loc="upper left", fontsize=6)
+    fig.tight_layout()
+    paths.insert(0, out_dir / "reliability_covid19.png")
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    cal = evaluation.get("calibration")
+    if isinstance(cal, dict) and isinstance(cal.get("covid19"), dict):
+        cal["covid19"]["by_site"] = per_site
+    return paths
+
+
 # ------------------------------------------------------------------------ registered-version path
 def labelled_rows(manifest, split: str | None):
     df = manifest[manifest["label"].isin(CLASSES)]
@@ -385,28 +509,69 @@ def labelled_rows(manifest, split: str | None):
     return df.reset_index(drop=True)
 
 
+class DatasetVersionMismatch(ValueError):
+    """The model's own training dataset changed since training: its test split is not the one held out."""
+
+
+def dataset_version_check(trained_version: Any, current_version: Any) -> dict[str, Any]:
+    """``{"status": "match"|"mismatch"|"unverifiable", "trained_on_version", "evaluated_version"}``."""
+    t, c = (None if v in (None, "", "untracked") else str(v) for v in (trained_version, current_version))
+    status = "unverifiable" if t is None or c is None else ("match" if t == c else "mismatch")
+    return {"status": status, "trained_on_version": trained_version, "evaluated_version": current_version}
+
+
 def evaluate_model_version(model_version: str | int = "champion", dataset_name: str = "", *,
                            split: str | None = None, out: str | Path | None = None, seed: int = 0,
-                           n_bootstrap: int = 1000, actor: str | None = None, log_to_mlflow: bool = True) -> dict:
+                           n_bootstrap: int = 1000, actor: str | None = None, log_to_mlflow: bool = True,
+                           allow_version_mismatch: bool = False) -> dict:
     """Evaluate a registered version on a dataset (``cxr evaluate``); returns the evaluation dict.
 
     ``split=None``: the ``test`` split when the dataset is the version's training dataset, else every
-    labelled row (external validation). Writes ``evaluation.json`` + PNGs to ``out`` (a file path; the
-    PNGs go beside it) or ``CXR_HOME/evaluations/<model>/v<version>/<dataset>/``.
+    labelled row. Writes ``evaluation.json`` + PNGs to ``out`` (a file path; the PNGs go beside it)
+    or ``CXR_HOME/evaluations/<model>/v<version>/<dataset>/``.
+
+    On the training dataset, the dataset version must be the one the model was trained on (else the
+    "test" split may hold rows added after training, or miss rows): a mismatch raises
+    ``DatasetVersionMismatch`` unless ``allow_version_mismatch``, and then the evaluation is labelled
+    (``dataset_version_check.status == "mismatch"`` and a warning). On another dataset,
+    ``provenance`` (models/provenance.py) decides whether it is external validation:
+    ``is_external`` is True only when sources, sites and images are disjoint from the training data.
     """
     import json
 
     from app.config import acting_user, get_settings
     from models import registry
-    from pipelines.datasets import load_dataset
+    from models.provenance import external_status
+    from pipelines.datasets import DatasetNotFound, load_dataset
 
     actor = acting_user(actor)
     model = registry.load_clinical_model(model_version)
     ds = load_dataset(dataset_name)
-    trained_on = model.config.get("training", {}).get("dataset")
-    external = trained_on != dataset_name
+    training_info = model.config.get("training", {})
+    trained_on = training_info.get("dataset")
+    same_dataset = trained_on == dataset_name
+    version_check = None
+    if same_dataset:
+        version_check = dataset_version_check(training_info.get("dataset_version"),
+                                              ds.version.get("dataset_version"))
+        if version_check["status"] == "mismatch" and not allow_version_mismatch:
+            raise DatasetVersionMismatch(
+                f"model {model.name} v{model.version} was trained on {dataset_name} version "
+                f"{version_check['trained_on_version']}, but data/{dataset_name} is now version "
+                f"{version_check['evaluated_version']}: its test split is not the held-out set the model was "
+                f"selected against. Check out the training version (git checkout + dvc checkout data/"
+                f"{dataset_name}.dvc), or pass --allow-version-mismatch to evaluate anyway (labelled as such)")
+        provenance = {"is_external": False, "reasons": ["this is the model's own training dataset"],
+                      "method": "same dataset"}
+    else:
+        try:
+            training_manifest = load_dataset(trained_on).manifest if trained_on else None
+        except DatasetNotFound:
+            training_manifest = None
+        provenance = external_status(training_manifest, ds.manifest)
+    external = bool(provenance["is_external"])
     if split is None:
-        split = "all" if external else "test"
+        split = "test" if same_dataset else "all"
     rows = labelled_rows(ds.manifest, split)
     images = [ds.array(r) for _, r in rows.iterrows()]
     vitals = rows.to_dict("records")
@@ -416,18 +581,30 @@ def evaluate_model_version(model_version: str | int = "champion", dataset_name: 
         labels, logits, temperature=model.temperature, threshold=model.operating_threshold,
         patient_ids=rows["patient_id"].astype(str).tolist(), meta=rows, n_bootstrap=n_bootstrap, seed=seed,
         threshold_selection=model.config.get("threshold_selection"))
+    role = "internal-test" if same_dataset else ("external" if external else "internal-other-dataset")
     evaluation.update({"dataset": dataset_name, "dataset_version": ds.version.get("dataset_version"),
-                       "split": split, "is_external": external, "model_name": model.name,
-                       "model_version": model.version, "trained_on": trained_on})
+                       "split": split, "is_external": external, "evaluation_role": role,
+                       "provenance": provenance, "model_name": model.name,
+                       "model_version": model.version, "trained_on": trained_on,
+                       "trained_on_version": training_info.get("dataset_version"),
+                       "dataset_version_check": version_check})
+    if version_check and version_check["status"] == "mismatch":
+        evaluation["warnings"].insert(0, f"DATASET VERSION MISMATCH: trained on {dataset_name} "
+                                         f"{version_check['trained_on_version']}, evaluated on "
+                                         f"{version_check['evaluated_version']} (--allow-version-mismatch)")
+    elif version_check and version_check["status"] == "unverifiable":
+        evaluation["warnings"].append("dataset version not recorded/tracked: cannot verify it is the training version")
+    if not same_dataset and not external:
+        evaluation["warnings"].append("not external validation: " + "; ".join(provenance["reasons"]))
     if out:
         out_path = Path(out)
     else:
         out_path = (get_settings().state_dir / "evaluations" / model.name / f"v{model.version}" / dataset_name
                     / "evaluation.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(evaluation, indent=2, default=_json_default))
     plot_dir = out_path.parent
     plots = write_plots(evaluation, plot_dir, curves)
+    out_path.write_text(json.dumps(evaluation, indent=2, default=_json_default))
     evaluation["artifacts"] = {"evaluation_json": str(out_path), "plots": [str(p) for p in plots]}
     if log_to_mlflow and model.run_id:
         registry.log_external_evaluation(model.version, dataset_name, split, evaluation, plots)
@@ -436,7 +613,10 @@ def evaluate_model_version(model_version: str | int = "champion", dataset_name: 
     record_event("model.evaluated", actor=actor, role=registry.actor_role(actor), subject=f"model:{model.version}",
                  details={"model": model.name, "model_version": model.version, "dataset": dataset_name,
                           "dataset_version": evaluation["dataset_version"], "split": split,
-                          "external": external, "n_images": evaluation["n_images"],
+                          "external": external, "evaluation_role": role,
+                          "not_external_reasons": [] if external else provenance["reasons"],
+                          "dataset_version_check": (version_check or {}).get("status"),
+                          "n_images": evaluation["n_images"],
                           "n_patients": evaluation["n_patients"],
                           "auroc": evaluation["covid19_vs_rest"]["auroc"]["value"]})
     return evaluation
