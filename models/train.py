@@ -568,7 +568,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     # prevalence: the class-weighted loss trains towards the weighted (≈ balanced) prior; an offset on
     # the logits moves them back to the development prevalence (train + val labels) before the
     # temperature is fitted on validation (models/statistics.prior_logit_offset)
-    config["prior_correction"] = _prior_correction(splits, counts, cw)
+    config["prior_correction"] = _prior_correction(splits, splits["train"]["label"].value_counts(),
+                                                   [float(w) for w in class_weights.detach().cpu().tolist()])
     cpu_net = type(net)(**net.config()).eval()
     cpu_net.load_state_dict({k: v.detach().cpu() for k, v in state["best_state"].items()})
     clinical = ClinicalModel(cpu_net, config, version="training", run_id=run_id, device="cpu")
