@@ -137,3 +137,15 @@ def test_policy_does_not_count_an_internal_dataset_as_external():
     legacy = {k: v for k, v in ext.items() if k != "provenance"}
     crit3 = {c.id: c for c in evaluate_policy({"external": {"old": legacy}}, {}).criteria}["external-validation"]
     assert not crit3.passed and "no provenance verdict" in crit3.note
+
+
+def test_link_distance_tightens_when_the_hash_cannot_tell_images_apart():
+    """Smooth synthetic phantoms are within 6 bits of each other by the hundred: linking them all would put
+    the whole cohort in one split group. The threshold tightens until pairs are at most 10 % of images."""
+    from pipelines.ingest import choose_link_distance
+
+    assert choose_link_distance([0, 2, 4, 6] * 3, 494) == 6  # the public collection's situation
+    many = [6] * 80 + [4] * 30 + [2] * 13 + [0] * 3
+    assert choose_link_distance(many, 55) == 0
+    assert choose_link_distance([0] * 50, 55) == -1  # nothing linked
+    assert choose_link_distance([], 10) == 6
