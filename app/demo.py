@@ -141,8 +141,9 @@ class Demo:
         ext = self.run_json("data", "import", str(external), "--name", "demo-external", "--json",
                             user="demo-researcher")
         self.commit_data("dataset demo-external")
-        self.step(f"external validation cohort imported as 'demo-external': {ext.get('n_accepted', '?')} images "
-                  f"(never used in training)")
+        self.step(f"second cohort imported as 'demo-external': {ext.get('n_accepted', '?')} images, never trained on; "
+                  f"it comes from the same four synthetic sites, so provenance marks it internal: it is evaluated "
+                  f"but does not count as external validation")
 
     def pipeline(self, tag: str) -> dict:
         state = self.run_json("pipeline", "run", "--local", "--dataset", "demo", "--external", "demo-external",

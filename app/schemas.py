@@ -86,6 +86,11 @@ class PredictionOut(BaseModel):
     warnings: list[InputWarning]
     vitals_present: dict[str, bool] = Field(description="which vitals were given (values are not stored)")
     view: str | None = None
+    deployment_prevalence: float | None = Field(None, description="the site's configured deployment prevalence "
+                                                "(CXR_SITE_PREVALENCE), when set")
+    p_covid19_at_site_prevalence: float | None = Field(
+        None, description="P(covid19) corrected from the development prevalence to the site's (Bayes odds, label "
+                          "shift); informative only: the decision stays on the validated p_covid19 and threshold")
     outcome: OutcomeOut | None = None
     disclaimer: str = "Research software, not a medical device: not for clinical decisions."
 

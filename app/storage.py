@@ -63,6 +63,8 @@ def save_prediction_sealed(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
         decision=row["decision"], ood_score=row.get("ood_score"),
         warnings=json.dumps(row["warnings"]), vitals_present=json.dumps(row["vitals_present"], sort_keys=True),
         view=row.get("view"),
+        deployment_prevalence=row.get("deployment_prevalence"),
+        p_covid19_at_site_prevalence=row.get("p_covid19_at_site_prevalence"),
     )
     with session_scope() as s:
         s.add(obj)

@@ -75,9 +75,11 @@ def compute_entry_hash(seq: int, time_utc: str, actor: str, role: str, action: s
 
 def row_sha256(obj: Any) -> str:
     """SHA-256 of a stored row (every column, as stored): what ``prediction.served`` / ``outcome.recorded``
-    entries carry, so an edited or replaced row no longer matches its audit entry."""
-    return hashlib.sha256(canonical_json({c.name: getattr(obj, c.name) for c in obj.__table__.columns})
-                          .encode()).hexdigest()
+    entries carry, so an edited or replaced row no longer matches its audit entry. NULL columns are left
+    out, so a nullable column added by a later migration does not change the hash of older rows (setting
+    or clearing a value still does)."""
+    return hashlib.sha256(canonical_json({c.name: getattr(obj, c.name) for c in obj.__table__.columns
+                                          if getattr(obj, c.name) is not None}).encode()).hexdigest()
 
 
 def record_event(action: str, *, actor: str, role: str = "unknown", subject: str = "",

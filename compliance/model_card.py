@@ -107,7 +107,7 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, list[str], list[tuple[lis
     perf_rows = [[m, _ci_text(cvr.get(m))] for m in ("auroc", "sensitivity", "specificity", "ppv", "npv")]
     out.append(("Performance", [
         f"COVID-19 vs rest at operating threshold {cvr.get('threshold', '-')} on P(covid19); point estimate with "
-        f"95% confidence interval (patient-level bootstrap).",
+        f"95% confidence interval ({ev.get('interval_method') or 'patient-level bootstrap percentile'}).",
     ], [(["metric", "value (95% CI)"], perf_rows)] if ev else []))
     sg_rows = []
     for attr, groups in (ev.get("subgroups") or {}).items():
@@ -126,16 +126,26 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, list[str], list[tuple[lis
     out.append(("Calibration", [
         f"Temperature scaling T={cal.get('temperature', '-')}; expected calibration error before "
         f"{cal.get('ece_before', '-')}, after {cal.get('ece_after', '-')} (the API returns calibrated probabilities)."
-    ], []))
+    ] + _covid19_calibration_lines(cal), []))
+    from compliance.policy import split_by_provenance
+
     ext_rows = []
+    _, not_counted = split_by_provenance(ev.get("external") or {})
     for name, x in (ev.get("external") or {}).items():
         xc = x.get("covid19_vs_rest") or {}
         ext_rows.append([name, x.get("n_patients", "-"), _ci_text(xc.get("auroc")), _ci_text(xc.get("sensitivity")),
-                         _ci_text(xc.get("specificity"))])
+                         _ci_text(xc.get("specificity")),
+                         "external (provenance verified)" if name not in not_counted else
+                         "NOT external: " + not_counted[name]])
+    n_counted = len(ext_rows) - len(not_counted)
     out.append(("External validation",
-                ["Performance on datasets from sources not used for training."] if ext_rows
+                ["Performance on other datasets. Only those whose sources, sites and images are disjoint from the "
+                 "training data count as external validation."]
+                + ([] if n_counted else ["NO provenance-verified external validation: performance outside the "
+                                         "development data is unknown."]) if ext_rows
                 else ["NO external validation recorded: performance outside the development data is unknown."],
-                [(["dataset", "patients", "AUROC", "sensitivity", "specificity"], ext_rows)] if ext_rows else []))
+                [(["dataset", "patients", "AUROC", "sensitivity", "specificity", "provenance"], ext_rows)]
+                if ext_rows else []))
     pol = card["policy"] or {}
     crit_rows = [[c["id"], c["measured"], c["op"] if c.get("threshold") is None else f"{c['op']} {c['threshold']}",
                   "PASS" if c["passed"] else "FAIL"]
@@ -215,3 +225,12 @@ def write_model_card(version: str | int, out: Path | str, fmt: str | None = None
     else:
         render_pdf(card, out)
     return out
+
+
+def _covid19_calibration_lines(cal: dict) -> list[str]:
+    c = cal.get("covid19") if isinstance(cal.get("covid19"), dict) else None
+    if not c:
+        return []
+    return [f"P(covid19): ECE {_ci_text(c.get('ece'))}; calibration slope {_ci_text(c.get('slope'))}; "
+            f"calibration-in-the-large intercept {_ci_text(c.get('intercept'))}"
+            + (f" ({c['note']})" if c.get("note") else "") + "."]

@@ -19,7 +19,15 @@ from compliance.registry_access import RegistryError, evaluation_view, external_
 from core.config import get_settings
 from core.identity import acting_user
 
-_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b,
+        "between": lambda a, b: b[0] <= a <= b[1]}
+
+
+def _valid_threshold(op: str, thr: Any) -> bool:
+    if op == "between":
+        return (isinstance(thr, list) and len(thr) == 2 and all(isinstance(t, (int, float)) for t in thr)
+                and thr[0] <= thr[1])
+    return isinstance(thr, (int, float))
 
 
 class PolicyError(Exception):
@@ -73,8 +81,9 @@ def load_policy(path: Path | str | None = None) -> tuple[dict[str, Any], str]:
     for c in policy["criteria"]:
         if not isinstance(c, dict) or "id" not in c or c.get("kind") not in ("metric", "external", "tags"):
             raise PolicyError(f"release policy {path}: malformed criterion {c!r}")
-        if c["kind"] != "tags" and (c.get("op") not in _OPS or not isinstance(c.get("threshold"), (int, float))):
-            raise PolicyError(f"release policy {path}: criterion {c['id']} needs op (>=, <=) and a numeric threshold")
+        if c["kind"] != "tags" and (c.get("op") not in _OPS or not _valid_threshold(c.get("op"), c.get("threshold"))):
+            raise PolicyError(f"release policy {path}: criterion {c['id']} needs op (>=, <=) and a numeric threshold "
+                              "(or op between and [low, high])")
     return policy, hashlib.sha256(raw).hexdigest()
 
 
@@ -117,16 +126,39 @@ def _evaluate_criterion(c: dict[str, Any], evaluation: dict[str, Any], tags: dic
     # external
     datasets = external_datasets(evaluation)
     need = int(c.get("min_datasets", 1))
+    not_counted: dict[str, str] = {}
+    if c.get("require_provenance"):
+        datasets, not_counted = split_by_provenance(datasets)
+    skipped = "; ".join(f"{n} not counted ({why})" for n, why in not_counted.items())
     values = {name: _number(get_path(ev, c["metric"])) for name, ev in datasets.items()}
     if len(datasets) < need:
+        note = f"{len(datasets)} external dataset(s) verified by provenance; at least {need} required" \
+            if c.get("require_provenance") else f"{len(datasets)} external dataset(s); at least {need} required"
         return CriterionResult(c["id"], desc, "external." + c["metric"], op, thr, None, False,
-                               f"{len(datasets)} external dataset(s); at least {need} required")
+                               note + (f"; {skipped}" if skipped else ""))
     bad = [n for n, v in values.items() if v is None or not _OPS[op](v, thr)]
     known = [v for v in values.values() if v is not None]
     worst = (min(known) if op.startswith(">") else max(known)) if known else None
     note = "; ".join(f"{n}={'missing' if v is None else round(v, 4)}" for n, v in values.items())
     return CriterionResult(c["id"], desc, "external." + c["metric"], op, thr,
-                           None if worst is None else round(worst, 6), not bad, note)
+                           None if worst is None else round(worst, 6), not bad,
+                           note + (f"; {skipped}" if skipped else ""))
+
+
+def split_by_provenance(datasets: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(datasets whose evaluation carries a provenance verdict ``is_external: true``, {name: why not}
+    for the rest). An evaluation without a provenance verdict is not counted: a different dataset
+    name proves nothing about independence (models/provenance.py)."""
+    counted, skipped = {}, {}
+    for name, ev in datasets.items():
+        prov = ev.get("provenance") if isinstance(ev, dict) else None
+        if isinstance(prov, dict) and prov.get("is_external") is True:
+            counted[name] = ev
+        elif isinstance(prov, dict):
+            skipped[name] = "internal: " + ("; ".join(prov.get("reasons") or []) or "provenance check failed")
+        else:
+            skipped[name] = "no provenance verdict in its evaluation (re-run `cxr evaluate`)"
+    return counted, skipped
 
 
 def evaluate_policy(evaluation: dict[str, Any], tags: dict[str, str], *, version: str = "",

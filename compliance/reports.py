@@ -85,13 +85,23 @@ def _evaluation_summary(evaluation: dict[str, Any], sha: str, ext_shas: dict[str
     cvr = evaluation.get("covid19_vs_rest") or {}
     cal = evaluation.get("calibration") or {}
     external = []
-    for name, ev in (evaluation.get("external") or {}).items():
+    from compliance.policy import split_by_provenance
+
+    all_ext = evaluation.get("external") or {}
+    _, not_counted = split_by_provenance(all_ext)
+    for name, ev in all_ext.items():
         ecvr = ev.get("covid19_vs_rest") or {}
         external.append({"dataset": name, "n_patients": _int(ev.get("n_patients")), "auroc": _ci(ecvr.get("auroc")),
-                         "sensitivity": _ci(ecvr.get("sensitivity")), "sha256": ext_shas.get(name)})
+                         "sensitivity": _ci(ecvr.get("sensitivity")), "sha256": ext_shas.get(name),
+                         "counted": name not in not_counted, "not_counted_reason": not_counted.get(name)})
+    c19 = cal.get("covid19") if isinstance(cal.get("covid19"), dict) else {}
+    calibration = {k: _num(cal.get(k)) for k in ("ece_before", "ece_after", "temperature")}
+    calibration.update({"ece_covid19": _ci(c19.get("ece")), "slope_covid19": _ci(c19.get("slope")),
+                        "intercept_covid19": _ci(c19.get("intercept"))})
     return {"sha256": sha, "n_patients": _int(evaluation.get("n_patients")), "n_images": _int(evaluation.get("n_images")),
             "threshold": _num(cvr.get("threshold")), "metrics": {m: _ci(cvr.get(m)) for m in METRICS},
-            "calibration": {k: _num(cal.get(k)) for k in ("ece_before", "ece_after", "temperature")},
+            "interval_method": str(evaluation.get("interval_method") or "patient-level percentile bootstrap"),
+            "calibration": calibration,
             "external": external}
 
 
@@ -458,8 +468,15 @@ def render_pdf(report: dict[str, Any], out: Path) -> None:
                                           f"{ev['n_images']} images; threshold {_fmt(ev['threshold'])}; ECE after "
                                           f"{_fmt(ev['calibration']['ece_after'])} (T={_fmt(ev['calibration']['temperature'], 2)})"),
                                    st["small"]))
+            story.append(Paragraph(escape(f"Interval method: {ev.get('interval_method', '-')}"), st["small"]))
+            c19 = ev["calibration"]
+            if c19.get("ece_covid19") and c19["ece_covid19"].get("value") is not None:
+                story.append(Paragraph(escape(f"P(covid19) calibration: ECE {_ci_text(c19['ece_covid19'])}; slope "
+                                              f"{_ci_text(c19.get('slope_covid19') or {})}; intercept "
+                                              f"{_ci_text(c19.get('intercept_covid19') or {})}"), st["small"]))
             mrows = [["metric (covid19 vs rest)", "value (95% CI)"]] + [[k, _ci_text(v)] for k, v in ev["metrics"].items()]
-            mrows += [[f"external: {x['dataset']} AUROC", _ci_text(x["auroc"])] for x in ev["external"]]
+            mrows += [[f"external: {x['dataset']} AUROC" + ("" if x.get("counted", True) else " (NOT counted: internal)"),
+                       _ci_text(x["auroc"])] for x in ev["external"]]
             story.append(pdf_table(mrows, [70 * mm, 60 * mm], st))
         else:
             story.append(Paragraph(escape(f"No evaluation: {m['policy'].get('error')}"), st["small"]))

@@ -10,6 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Telemetry is off by default for every process that imports the project (STACK.md).
@@ -62,6 +63,20 @@ class Settings(BaseSettings):
     dicom_send_to: str | None = None  # AET@HOST:PORT where DICOMweb STOW-RS results are C-STORE'd (the PACS)
 
     release_policy_path: Path = PACKAGE_ROOT / "compliance" / "release_policy.yaml"
+
+    # Deployment prevalence of COVID-19 per site (issue 13), e.g. CXR_SITE_PREVALENCE='{"site-a": 0.05}'.
+    # P(covid19) is calibrated at the model's development prevalence; for a site listed here the
+    # prediction service also reports P(covid19) corrected for the site's prevalence
+    # (models.statistics.prior_shift, Bayes odds correction) and records both in the prediction row.
+    site_prevalence: dict[str, float] = {}
+
+    @field_validator("site_prevalence")
+    @classmethod
+    def _prevalence_in_0_1(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: p for k, p in v.items() if not 0 < float(p) < 1}
+        if bad:
+            raise ValueError(f"site prevalence must be strictly between 0 and 1: {bad}")
+        return v
 
     @property
     def state_dir(self) -> Path:

@@ -140,6 +140,9 @@ class PredictionRow(Base):
     warnings: Mapped[str] = mapped_column(Text)  # JSON [{code, message}]
     vitals_present: Mapped[str] = mapped_column(Text)  # JSON {field: bool} — presence only, no values
     view: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    # prior shift to the site's configured deployment prevalence (CXR_SITE_PREVALENCE); None when unset
+    deployment_prevalence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    p_covid19_at_site_prevalence: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +160,8 @@ class PredictionRow(Base):
             "warnings": json.loads(self.warnings),
             "vitals_present": json.loads(self.vitals_present),
             "view": self.view,
+            "deployment_prevalence": self.deployment_prevalence,
+            "p_covid19_at_site_prevalence": self.p_covid19_at_site_prevalence,
         }
 
 

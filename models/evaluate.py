@@ -36,8 +36,17 @@ from typing import Any
 import numpy as np
 
 from models.network import CLASSES
+from models.statistics import (
+    AUROC_METHOD,
+    ECE_METHOD,
+    PROPORTION_METHOD,
+    auroc_interval,
+    binary_calibration,
+    clustered_proportion,
+    reliability_bins,
+)
 
-SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view", "site", "source", "variant")
+SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view", "site", "source", "variant", "label_source")
 SMALL_GROUP = 30
 AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
 
@@ -177,6 +186,48 @@ def _with_ci(value: float | None, samples: Sequence[float]) -> dict:
             "ci_high": float(np.percentile(arr, 97.5)), "n_bootstrap_valid": int(len(arr))}
 
 
+INTERVAL_METHOD_SHORT = ("95% CI: proportions Clopper-Pearson exact with patient design effect; "
+                         "AUROC Newcombe score interval on patient counts")
+
+
+def interval_methods() -> dict[str, Any]:
+    """What ``ci_low``/``ci_high`` mean, named in evaluation.json, the PDF report and the model card."""
+    return {"confidence": 0.95, "proportions": PROPORTION_METHOD, "auroc": AUROC_METHOD,
+            "calibration_ece": ECE_METHOD, "cluster_unit": "patient",
+            "reference": "models/statistics.py; Clopper & Pearson 1934; Kish 1965; Newcombe 2006 (Stat Med 25:559)"}
+
+
+def small_sample_intervals(y: np.ndarray, p: np.ndarray, thr: float, patients: np.ndarray, point: dict,
+                           boot: dict) -> dict[str, Any]:
+    """Per metric ``{"value", "ci_low", "ci_high", "method", "bootstrap_ci_low", "bootstrap_ci_high", ...}``:
+    exact/score intervals that stay honest at small n (models/statistics.py); the percentile patient
+    bootstrap is kept beside them for comparison."""
+    pred = p >= thr
+    parts = {"sensitivity": (pred[y], patients[y]), "specificity": (~pred[~y], patients[~y]),
+             "ppv": (y[pred], patients[pred]), "npv": (~y[~pred], patients[~pred])}
+    out: dict[str, Any] = {}
+    for k, (outcome, cl) in parts.items():
+        m = clustered_proportion(outcome, cl)
+        m["value"] = point[k]
+        b = _with_ci(point[k], boot[k])
+        m.update(bootstrap_ci_low=b["ci_low"], bootstrap_ci_high=b["ci_high"],
+                 n_bootstrap_valid=b["n_bootstrap_valid"])
+        out[k] = m
+    n_pos, n_neg = len(set(patients[y].tolist())), len(set(patients[~y].tolist()))
+    lo, hi = auroc_interval(point["auroc"], n_pos, n_neg)
+    b = _with_ci(point["auroc"], boot["auroc"])
+    out["auroc"] = {"value": point["auroc"], "ci_low": lo, "ci_high": hi, "method": "newcombe-score",
+                    "n_pos_patients": n_pos, "n_neg_patients": n_neg, "bootstrap_ci_low": b["ci_low"],
+                    "bootstrap_ci_high": b["ci_high"], "n_bootstrap_valid": b["n_bootstrap_valid"]}
+    return out
+
+
+def patient_class_counts(y: np.ndarray, patients: np.ndarray) -> dict[str, int]:
+    """Distinct patients with a covid19 image / with a non-covid19 image (the policy's minimums)."""
+    return {"n_patients_covid19": int(len(set(patients[y].tolist()))),
+            "n_patients_not_covid19": int(len(set(patients[~y].tolist())))}
+
+
 def age_band(age: Any) -> str:
     try:
         a = float(age)
@@ -217,9 +268,14 @@ def _subgroups(meta, y: np.ndarray, p: np.ndarray, thr: float, patients: np.ndar
                 notes.append("no covid19 case: sensitivity and AUROC undefined")
             if yy.all():
                 notes.append("no non-covid19 case: specificity and AUROC undefined")
+            pm, pred_m = patients[m], pp >= thr
+            sens_ci = clustered_proportion(pred_m[yy], pm[yy])
+            spec_ci = clustered_proportion(~pred_m[~yy], pm[~yy])
             groups[value] = {"n_images": n_img, "n_patients": int(len(np.unique(patients[m]))),
                              "n_covid19": int(yy.sum()), "auroc": bm["auroc"], "sensitivity": bm["sensitivity"],
                              "specificity": bm["specificity"], "small": n_img < SMALL_GROUP,
+                             "sensitivity_ci": [sens_ci["ci_low"], sens_ci["ci_high"]],
+                             "specificity_ci": [spec_ci["ci_low"], spec_ci["ci_high"]],
                              "note": "; ".join(notes)}
         out[attr] = groups
     return out
@@ -260,7 +316,8 @@ def evaluate_predictions(labels: Sequence[int] | np.ndarray, logits: np.ndarray,
     if 0 < n_patients < 20:
         warnings.append(f"only {n_patients} patients: confidence intervals are wide")
     pred = p >= threshold
-    cvr: dict[str, Any] = {k: _with_ci(point[k], boot[k]) for k in point}
+    cvr: dict[str, Any] = small_sample_intervals(y, p, threshold, patients, point, boot) if n else \
+        {k: _with_ci(point[k], boot[k]) for k in point}
     cvr["threshold"] = float(threshold)
     cvr["threshold_selection"] = threshold_selection or {}
     cvr["counts"] = {"tp": int((pred & y).sum()), "fp": int((pred & ~y).sum()), "tn": int((~pred & ~y).sum()),
@@ -290,10 +347,20 @@ def evaluate_predictions(labels: Sequence[int] | np.ndarray, logits: np.ndarray,
         "n_images": int(n),
         "class_counts": {c: int((y_cls == i).sum()) for i, c in enumerate(classes)},
         "bootstrap": {"n": int(n_bootstrap), "unit": "patient", "seed": int(seed), "ci": 0.95,
-                      "method": "percentile"},
+                      "method": "percentile",
+                      "use": "secondary: reported as bootstrap_ci_low/high; ci_low/ci_high (what the release "
+                             "policy reads) use the methods in 'intervals'"},
+        "intervals": interval_methods(),
+        "interval_method": INTERVAL_METHOD_SHORT,
         "warnings": warnings,
     }
+    evaluation.update(patient_class_counts(y, patients))
+    evaluation["calibration"]["covid19"] = binary_calibration(p, y, patients, n_bootstrap=n_bootstrap, seed=seed) \
+        if n else None
     curves: dict[str, Any] = {"probs": probs, "probs_before": probs_before, "labels": y_cls}
+    if meta is not None and n and "site" in meta:
+        curves["site"] = np.asarray([str(v) if str(v) not in ("", "nan", "None") else "unknown"
+                                     for v in meta["site"].tolist()], dtype=object)
     if n and 0 < y.sum() < n:
         fpr, tpr, _ = roc_curve(y, p)
         curves["roc"] = (fpr, tpr)
@@ -359,6 +426,8 @@ def write_plots(evaluation: dict, out_dir: Path, curves: dict) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
+    paths += _covid19_reliability_plots(evaluation, out_dir, curves, plt)
+
     cm = np.asarray(evaluation["confusion_matrix"]["matrix"])
     names = evaluation["confusion_matrix"]["labels"]
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
@@ -374,6 +443,68 @@ def write_plots(evaluation: dict, out_dir: Path, curves: dict) -> list[Path]:
     paths.append(out_dir / "confusion.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+    return paths
+
+
+MAX_SITE_PLOTS = 12
+
+
+def _covid19_reliability_plots(evaluation: dict, out_dir: Path, curves: dict, plt) -> list[Path]:
+    """``reliability_covid19.png`` (all sites, one line per site) and ``reliability_covid19_site-<k>.png``
+    per site (the largest ``MAX_SITE_PLOTS`` sites; the rest pooled as ``other-sites``): P(covid19)
+    against the observed covid19 rate, with the binary ECE."""
+    import re
+
+    labels = curves["labels"]
+    if len(labels) == 0:
+        return []
+    p = curves["probs"][:, 0]
+    y = (labels == 0).astype(float)
+    sites = curves.get("site")
+    if sites is None:
+        sites = np.array(["all"] * len(y), dtype=object)
+    names, counts = np.unique(sites, return_counts=True)
+    order = [str(names[i]) for i in np.argsort(-counts, kind="stable")]
+    keep = order[:MAX_SITE_PLOTS]
+    grouped = np.array([s if s in keep else "other-sites" for s in sites], dtype=object)
+    groups = keep + (["other-sites"] if len(order) > MAX_SITE_PLOTS else [])
+    paths: list[Path] = []
+    per_site: dict[str, Any] = {}
+
+    def draw(ax, pp, yy, label):
+        bins = reliability_bins(pp, yy)
+        ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], "o-", label=label)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for k, site in enumerate(groups):
+        m = grouped == site
+        from models.statistics import binary_ece as _bece
+
+        ece = _bece(p[m], y[m])
+        per_site[site] = {"n_images": int(m.sum()), "ece": ece, "bins": reliability_bins(p[m], y[m])}
+        draw(ax, p[m], y[m], f"{site} (n={int(m.sum())}, ECE {ece:.3f})")
+        f2, a2 = plt.subplots(figsize=(4.5, 4.5))
+        draw(a2, p[m], y[m], f"ECE {ece:.3f}")
+        a2.plot([0, 1], [0, 1], "k--", lw=0.8)
+        a2.set(xlabel="predicted P(covid19)", ylabel="observed covid19 rate", xlim=(0, 1), ylim=(0, 1),
+               title=f"Reliability P(covid19): {site[:40]} (n={int(m.sum())})")
+        a2.legend(loc="upper left", fontsize=8)
+        f2.tight_layout()
+        slug = re.sub(r"[^A-Za-z0-9_-]+", "-", site)[:40].strip("-") or f"site{k}"
+        paths.append(out_dir / f"reliability_covid19_site-{slug}.png")
+        f2.savefig(paths[-1], dpi=90)
+        plt.close(f2)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="predicted P(covid19)", ylabel="observed covid19 rate", xlim=(0, 1), ylim=(0, 1),
+           title="Reliability of P(covid19) by site")
+    ax.legend(loc="upper left", fontsize=6)
+    fig.tight_layout()
+    paths.insert(0, out_dir / "reliability_covid19.png")
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    cal = evaluation.get("calibration")
+    if isinstance(cal, dict) and isinstance(cal.get("covid19"), dict):
+        cal["covid19"]["by_site"] = per_site
     return paths
 
 

@@ -237,7 +237,10 @@ def log_external_evaluation(version: str | int, dataset: str, split: str, evalua
     with tempfile.TemporaryDirectory(prefix="cxr-ext-") as tmp:
         p = Path(tmp) / f"{key}.json"
         p.write_text(json.dumps(evaluation, indent=2, default=_json_default))
-        if evaluation.get("is_external", True):
+        # every other dataset goes where the release policy looks; its provenance verdict
+        # (evaluation["provenance"]) decides there whether it counts as external validation
+        role = evaluation.get("evaluation_role") or ("external" if evaluation.get("is_external", True) else "")
+        if role in ("external", "internal-other-dataset"):
             c.log_artifact(mv.run_id, str(p), EXTERNAL_DIR)
         else:
             c.log_artifact(mv.run_id, str(p), "evaluation/reruns")

@@ -157,6 +157,10 @@ class ClinicalModel:
         self.classes: list[str] = list(config["classes"])
         self.operating_threshold = float(config["operating_threshold"])
         self.temperature = float(config["temperature"])
+        # prior correction (issue 13): logits move from the class-weighted training prior back to the
+        # development prevalence; absent in packages trained before it (zeros)
+        offset = (config.get("prior_correction") or {}).get("logit_offset")
+        self.logit_offset = np.asarray(offset if offset else [0.0] * len(self.classes), dtype=np.float64)
         self.image_size = int(config["network"]["image_size"])
         self.modalities = tuple(config["network"]["modalities"])
         self.reference: dict = config.get("reference", {})
@@ -224,7 +228,8 @@ class ClinicalModel:
         with self._lock, torch.inference_mode():
             emb = self.net.embed(img_t, vit_t)
             logits = self.net.head(emb)
-        return logits.float().cpu().numpy().astype(np.float64), emb.float().cpu().numpy().astype(np.float64)
+        return (logits.float().cpu().numpy().astype(np.float64) + self.logit_offset,
+                emb.float().cpu().numpy().astype(np.float64))
 
     def _ood(self, emb: np.ndarray) -> np.ndarray:
         if self._ood_mean.size == 0 or emb.size == 0:
@@ -233,7 +238,7 @@ class ClinicalModel:
 
     # ------------------------------------------------------------------ public API
     def logits(self, images: Sequence[np.ndarray] | None, vitals: Sequence[Mapping | None]) -> np.ndarray:
-        """Uncalibrated logits (N, 3), batched by 64."""
+        """Logits (N, 3) before temperature scaling (with the prior-correction offset), batched by 64."""
         out = []
         n = len(vitals)
         for i in range(0, n, 64):

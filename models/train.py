@@ -549,6 +549,11 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                      "seed": seed, "run_id": run_id, "best_epoch": state["best_epoch"],
                      "epochs_run": state["epoch"], "data_fingerprint": fingerprint},
     }
+    # prevalence: the class-weighted loss trains towards the weighted (≈ balanced) prior; an offset on
+    # the logits moves them back to the development prevalence (train + val labels) before the
+    # temperature is fitted on validation (models/statistics.prior_logit_offset)
+    config["prior_correction"] = _prior_correction(splits, splits["train"]["label"].value_counts(),
+                                                   [float(w) for w in class_weights.detach().cpu().tolist()])
     cpu_net = type(net)(**net.config()).eval()
     cpu_net.load_state_dict({k: v.detach().cpu() for k, v in state["best_state"].items()})
     clinical = ClinicalModel(cpu_net, config, version="training", run_id=run_id, device="cpu")
@@ -635,8 +640,8 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                        "external": external_results})
     eval_dir = work / "evaluation"
     eval_dir.mkdir(parents=True, exist_ok=True)
+    write_plots(evaluation, eval_dir, curves)  # first: adds the per-site reliability numbers
     (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2, default=_json_default))
-    write_plots(evaluation, eval_dir, curves)
     import pandas as pd
 
     pred = pd.DataFrame({"image_hash": te_frame["image_hash"].astype(str), "label": te_frame["label"],
@@ -668,8 +673,9 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
         from models.validation import evaluate_model_version
 
         ext = evaluate_model_version(version, name, seed=seed, n_bootstrap=n_bootstrap, on_event=emit)
-        external_results[name] = {k: ext[k] for k in ("covid19_vs_rest", "calibration", "n_images", "n_patients",
-                                                      "dataset_version", "per_class_auroc")}
+        external_results[name] = {k: ext.get(k) for k in ("covid19_vs_rest", "calibration", "n_images", "n_patients",
+                                                          "dataset_version", "per_class_auroc", "provenance",
+                                                          "is_external", "evaluation_role", "interval_method")}
     emit("training.finished", subject=f"model/{registry.model_name()}/{version}",
                  details={"run_id": run_id, "status": "finished", "model_version": version,
                           "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
@@ -692,3 +698,25 @@ def _monai_version() -> str:
     import monai
 
     return monai.__version__
+
+
+def _prior_correction(splits: dict, train_counts, class_weights: list[float]) -> dict[str, Any]:
+    """What ``ClinicalModel`` adds to the logits (``logit_offset``) and the development prevalence a
+    site's deployment prevalence is corrected from (models/statistics.prior_shift)."""
+    import pandas as pd
+
+    from models.statistics import prior_logit_offset
+
+    dev = pd.concat([splits["train"], splits["val"]])
+    dev = dev[dev["label"].isin(CLASSES)]
+    n_dev = max(1, len(dev))
+    dev_prior = [float((dev["label"] == c).sum()) / n_dev for c in CLASSES]
+    effective = [float(train_counts.get(c, 0)) * float(w) for c, w in zip(CLASSES, class_weights)]
+    tot = sum(effective) or 1.0
+    return {"logit_offset": prior_logit_offset(dev_prior, effective),
+            "development_prevalence": dict(zip(CLASSES, dev_prior)),
+            "development_prevalence_covid19": dev_prior[0],
+            "training_effective_prior": {c: e / tot for c, e in zip(CLASSES, effective)},
+            "method": "logit offset log(dev prior) - log(class-weighted training prior), then temperature "
+                      "scaling fitted on validation; P(covid19) is calibrated at the development prevalence. A "
+                      "site's prevalence is applied with the Bayes odds correction (models.statistics.prior_shift)."}

@@ -50,6 +50,12 @@ def synth_vitals(label: str, rng: np.random.Generator) -> dict:
     return v
 
 
+def phash_of_array(arr):
+    from pipelines.near_duplicates import phash_of_array as f
+
+    return f(arr)
+
+
 def write_synthetic_dataset(project_root: Path, name: str = "synthtest", *, n_patients: int = 90, seed: int = 0,
                             n_unlabeled: int = 4, site: str = "site-a", variant: str = "") -> Path:
     rng = np.random.default_rng(seed)
@@ -64,7 +70,7 @@ def write_synthetic_dataset(project_root: Path, name: str = "synthtest", *, n_pa
             arr = synth_image(label, rng)
             h = hashlib.sha256(arr.tobytes()).hexdigest()
             np.save(root / "arrays" / f"{h}.npy", arr)
-            rows.append({"image_hash": h, "patient_id": pid, "split": split, "label": label,
+            rows.append({"image_hash": h, "phash": phash_of_array(arr), "patient_id": pid, "split": split, "label": label,
                          "view": "PA" if rng.random() < 0.7 else "AP", "site": site, "source": "synthetic",
                          "variant": variant, "sex": "M" if rng.random() < 0.5 else "F",
                          **synth_vitals(label, rng), "study_date": "2020-03-01", "array_path": f"arrays/{h}.npy"})
@@ -73,7 +79,7 @@ def write_synthetic_dataset(project_root: Path, name: str = "synthtest", *, n_pa
         arr[0, 0, u] = 0  # distinct content
         h = hashlib.sha256(arr.tobytes()).hexdigest()
         np.save(root / "arrays" / f"{h}.npy", arr)
-        rows.append({"image_hash": h, "patient_id": f"unl{u}", "split": "train", "label": "unlabeled", "view": "PA",
+        rows.append({"image_hash": h, "phash": "", "patient_id": f"unl{u}", "split": "train", "label": "unlabeled", "view": "PA",
                      "site": site, "source": "synthetic", "variant": variant, "sex": "unknown",
                      **{f: np.nan for f in FIELDS}, "study_date": "2020-03-01", "array_path": f"arrays/{h}.npy"})
     pd.DataFrame(rows).to_parquet(root / "manifest.parquet", index=False)

@@ -100,7 +100,7 @@ def test_governance_story(cxr_env):
     assert "champion" not in client.get_registered_model("covid-cxr").aliases
 
     # --- approver approves a passing version → champion ------------------------------------------------
-    r = run(["model", "approve", v_good, "--reason", "meets release policy 1.0.0", "--as", "alice",
+    r = run(["model", "approve", v_good, "--reason", "meets release policy 2.0.0", "--as", "alice",
              "--password-stdin"], password=PW["alice"])
     assert r.exit_code == 0, r.output
     assert champion(client) == v_good
@@ -127,7 +127,7 @@ def test_governance_story(cxr_env):
     assert champion(client) == v_good
     assert client.get_model_version("covid-cxr", v_fail).tags["status"] == "retired"
     # a newer passing version, then a second roll-back skips the retired one
-    assert run(["model", "approve", v_good2, "--reason", "meets release policy 1.0.0", "--as", "alice",
+    assert run(["model", "approve", v_good2, "--reason", "meets release policy 2.0.0", "--as", "alice",
                 "--password-stdin"], password=PW["alice"]).exit_code == 0
     assert run(["model", "rollback", "--reason", "regression at site A", "--as", "alice", "--password-stdin"],
                password=PW["alice"]).exit_code == 0
@@ -142,7 +142,7 @@ def test_governance_story(cxr_env):
     # --- e-signatures: printed name, UTC time, meaning, reason, policy version, evaluation hash ------------
     sigs = signatures(v_good)
     assert sigs[0]["signer_full_name"] == "Alice Approver" and sigs[0]["meaning"] == "approved for clinical use"
-    assert sigs[0]["time_utc"].endswith("Z") and sigs[0]["policy_version"] == "1.0.0"
+    assert sigs[0]["time_utc"].endswith("Z") and sigs[0]["policy_version"] == "2.0.0"
     assert sigs[0]["evaluation_sha256"] == tags["approval_evaluation_sha256"]
     override_sig = [s for s in signatures(v_fail) if s["action"] == "approve"][0]
     assert override_sig["policy_passed"] is False and "emergency use" in override_sig["policy_override_reason"]
@@ -226,17 +226,17 @@ def test_policy_criteria_measured_values_and_external_artifacts(cxr_env):
 
     bad = check_release_policy(make_version(failing_evaluation()), actor="qa")
     by_id = {c.id: c for c in bad.criteria}
-    assert not bad.passed and bad.policy_version == "1.0.0"
+    assert not bad.passed and bad.policy_version == "2.0.0"
     assert (by_id["covid19-sensitivity-lower-bound"].measured, by_id["covid19-sensitivity-lower-bound"].threshold,
             by_id["covid19-sensitivity-lower-bound"].passed) == (0.41, 0.70, False)
-    assert by_id["covid19-auroc-lower-bound"].passed and by_id["calibration-ece-after"].passed
+    assert by_id["covid19-auroc-lower-bound"].passed and by_id["calibration-covid19-ece"].passed
     assert not by_id["minimum-test-patients"].passed and not by_id["external-validation"].passed
     assert {c.id for c in bad.failed} == {"covid19-sensitivity-lower-bound", "minimum-test-patients",
                                           "external-validation"}
 
     no_ext = copy.deepcopy(GOOD_EVALUATION)
     no_ext.pop("external")
-    ext = {"n_patients": 25, "external": True,
+    ext = {"n_patients": 25, "external": True, "provenance": {"is_external": True, "reasons": []},
            "covid19_vs_rest": {"auroc": {"value": 0.8, "ci_low": 0.72, "ci_high": 0.88}}}
     ok = check_release_policy(make_version(no_ext, external_artifacts={"site-c": ext}), actor="qa")
     assert ok.passed, [(c.id, c.measured, c.note) for c in ok.failed]

@@ -42,6 +42,17 @@ def test_public_import(public_import, cxr_env: Path):
     assert man["image_hash"].is_unique
     assert man.groupby("split_group")["split"].nunique().max() == 1
 
+    # near duplicates (issue 13): pHash pairs listed in the summary, each pair in one split group/split
+    pairs = summary.near_duplicate_pairs
+    assert len(pairs) >= 10, pairs  # 15 measured with seed 7 (README "Near duplicates")
+    by_row = man.set_index(man["source_row"].astype(int))
+    for p in pairs:
+        a, b = by_row.loc[p["row_a"]], by_row.loc[p["row_b"]]
+        assert a["split_group"] == b["split_group"] and a["split"] == b["split"] == p["split_a"] == p["split_b"]
+        assert p["distance"] <= 6
+    assert {"phash", "origin", "label_source"} <= set(man.columns)
+    assert set(man["label_source"]) <= {"publication", "rtpcr"} and "radiopaedia.org" in set(man["origin"])
+
     # lateral views rejected with a reason
     lateral_rows = {i for i, r in enumerate(src, start=1) if r["view"] == "L"}
     assert len(lateral_rows) == 44

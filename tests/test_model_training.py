@@ -341,7 +341,10 @@ def test_external_validation_on_cohort_built_by_synth_and_ingest(state):
                                     "--bootstrap", "100", "--as", "rita.researcher"])
     assert res.exit_code == 0, res.output
     ev = json.loads(out.read_text())
+    # provenance decides (issue 13): other source ("dicom" vs "synthetic"), other sites, other pictures
+    assert ev["provenance"]["reasons"] == [] and ev["evaluation_role"] == "external"
     assert ev["is_external"] is True and ev["split"] == "all"
+    assert "Clopper-Pearson" in ev["interval_method"]
     assert ev["n_images"] == n_labelled  # every labelled row, whatever its split
     assert ev["model_version"] == "1" and ev["dataset"] == "extcohort"
     for f in ("roc.png", "reliability.png", "confusion.png"):
@@ -353,6 +356,32 @@ def test_external_validation_on_cohort_built_by_synth_and_ingest(state):
     assert bad.exit_code != 0 and "Traceback" not in bad.output
     bad = CliRunner().invoke(root, ["evaluate", "--model-version", "1", "--dataset", "nope"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_copy_of_training_folder_is_not_external_validation(state):
+    """The training dataset imported again under another name is evaluated, but marked internal with the
+    reason, and `cxr model check --json` does not count it (issue 13)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from app.cli import root
+
+    data = state["project"] / "data"
+    if not (data / "synthcopy").exists():
+        shutil.copytree(data / "synthtest", data / "synthcopy")
+    out = state["base"] / "copy" / "evaluation.json"
+    res = CliRunner().invoke(root, ["evaluate", "--model-version", "1", "--dataset", "synthcopy", "--out", str(out),
+                                    "--bootstrap", "50", "--as", "rita.researcher"])
+    assert res.exit_code == 0, res.output
+    assert "NOT external" in res.output and "identical to training images" in res.output
+    ev = json.loads(out.read_text())
+    assert ev["is_external"] is False and ev["evaluation_role"] == "internal-other-dataset"
+    assert ev["provenance"]["exact_duplicate_images"] > 0
+    chk = CliRunner().invoke(root, ["model", "check", "1", "--json", "--as", "rita.researcher"])
+    check = json.loads(chk.output[chk.output.find("{"):])
+    crit = {c["id"]: c for c in check["criteria"]}["external-validation"]
+    assert "synthcopy not counted (internal:" in crit["note"] and "identical to training images" in crit["note"]
 
 
 def test_train_cli_refuses_bad_input_cleanly(state):

@@ -38,7 +38,9 @@ def _run_and_report(write, name: str, what: str, as_json: bool) -> None:
     except OSError as exc:
         _fail(f"cannot read or write files: {exc}")
     if as_json:
-        print(json.dumps(summary.counts(), sort_keys=True))
+        out = summary.counts()
+        out["near_duplicate_pairs"] = list(getattr(summary, "near_duplicate_pairs", []) or [])
+        print(json.dumps(out, sort_keys=True))
     else:
         print_summary(summary, console)
 
@@ -55,12 +57,17 @@ def register_data_commands(data_app: typer.Typer) -> None:
         no_dvc: bool = typer.Option(False, "--no-dvc", help="do not dvc add/push (not recommended)"),
         workers: int | None = typer.Option(None, "--workers", help="decode processes (default 2, or CXR_INGEST_WORKERS)"),
         as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+        source_name: str | None = typer.Option(
+            None, "--source", help="provider/collection the images come from (recorded per image; decides, with "
+                                   "sites and images, whether the dataset can be external validation). Default: the "
+                                   "index's `source` column, else the layout (dicom / covid-chestxray-dataset)"),
     ) -> None:
         """Validate, de-identify, dedupe, label and split SOURCE into data/NAME, then DVC-track it."""
         from pipelines.ingest import import_dataset
 
         _run_and_report(lambda: import_dataset(source, name, seed=seed, actor=as_user, tag=tag, track=not no_dvc,
-                                               force=force, workers=workers, quiet=as_json),
+                                               force=force, workers=workers, quiet=as_json,
+                                               source_name=source_name),
                         name, "dataset", as_json)
 
     @data_app.command("add-batch")

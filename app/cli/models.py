@@ -108,11 +108,15 @@ def evaluate_cmd(
     n_bootstrap: int = typer.Option(1000, "--bootstrap", min=0),
     as_user: Optional[str] = typer.Option(None, "--as"),
     json_out: bool = typer.Option(False, "--json", help="print the evaluation JSON on stdout"),
+    allow_version_mismatch: bool = typer.Option(
+        False, "--allow-version-mismatch",
+        help="evaluate the training dataset even if its version differs from the trained one (labelled)"),
 ) -> None:
-    """Evaluate a registered version on a dataset (external validation when not its training dataset)."""
+    """Evaluate a registered version on a dataset (external validation only when provenance says so)."""
     from models.datasets import DatasetNotFound
     from models.evaluate import _json_default
     from models.registry import RegistryError
+    from models.validation import DatasetVersionMismatch
     from pipelines.lifecycle import evaluate_and_record
 
     if split not in (None, "train", "val", "test", "all"):
@@ -120,8 +124,9 @@ def evaluate_cmd(
     try:
         with redirect_stdout(sys.stderr):
             ev = evaluate_and_record(model_version, dataset, split=split, out=out, seed=seed,
-                                        n_bootstrap=n_bootstrap, actor=as_user)
-    except (RegistryError, DatasetNotFound) as exc:
+                                     n_bootstrap=n_bootstrap, actor=as_user,
+                                     allow_version_mismatch=allow_version_mismatch)
+    except (RegistryError, DatasetNotFound, DatasetVersionMismatch) as exc:
         _fail(str(exc))
     if json_out:
         typer.echo(json.dumps(ev, default=_json_default))
@@ -134,10 +139,23 @@ def evaluate_cmd(
         return f"{m['value']:.3f}" + (f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else "")
 
     typer.echo(f"{ev['model_name']} v{ev['model_version']} on {dataset} ({ev['split']}, "
-               f"{'external' if ev['is_external'] else 'internal'}): {ev['n_images']} images, "
-               f"{ev['n_patients']} patients")
+               f"{ev.get('evaluation_role') or ('external' if ev['is_external'] else 'internal')}): "
+               f"{ev['n_images']} images, {ev['n_patients']} patients "
+               f"({ev.get('n_patients_covid19', '?')} with covid19, {ev.get('n_patients_not_covid19', '?')} without)")
     for k in ("auroc", "sensitivity", "specificity", "ppv", "npv"):
         typer.echo(f"  {k:<12} {fmt(c[k])}")
+    cal = (ev.get("calibration") or {}).get("covid19") or {}
+    if cal.get("ece"):
+        slope = (cal.get("slope") or {}).get("value")
+        typer.echo(f"  P(covid19) calibration: ECE {fmt(cal['ece'])}; slope "
+                   f"{'n/a' if slope is None else fmt(cal['slope'])}; intercept "
+                   f"{'n/a' if (cal.get('intercept') or {}).get('value') is None else fmt(cal['intercept'])}")
+    typer.echo(f"  intervals: {ev.get('interval_method', 'patient bootstrap percentile')}")
+    prov = ev.get("provenance") or {}
+    if ev.get("evaluation_role") != "internal-test" and prov:
+        typer.echo("  provenance: " + ("external (sources, sites and images disjoint from training)"
+                                       if prov.get("is_external") else
+                                       "NOT external: " + "; ".join(prov.get("reasons") or [])))
     for w in ev["warnings"]:
         typer.echo(f"  warning: {w}")
     typer.echo(f"wrote {ev['artifacts']['evaluation_json']}")

@@ -162,6 +162,26 @@ def input_warnings(decoded, image: np.ndarray, vitals: dict, result: dict, model
 
 
 
+def site_prevalence_correction(model, site: str | None, p_covid19: float, settings) -> dict[str, Any]:
+    """P(covid19) at the site's deployment prevalence (``CXR_SITE_PREVALENCE``), for the stored row.
+
+    The model's probability is calibrated at its development prevalence (``prior_correction`` in the
+    package); a site whose prevalence differs gets the Bayes odds correction beside it. The decision
+    stays on the uncorrected probability: the operating threshold was validated there, and changing it
+    per site is a release decision, not a serving one. Empty when the site has no configured prevalence
+    or the model records no development prevalence.
+    """
+    prevalence = (getattr(settings, "site_prevalence", None) or {}).get(site or "")
+    development = ((getattr(model, "config", None) or {}).get("prior_correction") or {}).get(
+        "development_prevalence_covid19")
+    if prevalence is None or development is None:
+        return {}
+    from models.statistics import prior_shift
+
+    return {"deployment_prevalence": float(prevalence),
+            "p_covid19_at_site_prevalence": float(prior_shift(p_covid19, float(development), float(prevalence)))}
+
+
 @dataclass
 class ServedPrediction:
     """What ``predict`` returns: the stored record and what a caller needs to render results."""
@@ -232,6 +252,7 @@ class PredictionService:
             | {"sex": parsed.get("sex") not in (None, "unknown")},
             "view": "AP Supine" if supine and view in (None, "AP") else view,
         }
+        row.update(site_prevalence_correction(lm.model, site, row["p_covid19"], settings))
         pred, row_hash = storage.save_prediction_sealed(row)  # committed durably before the caller answers
         details = {"prediction_id": row["id"], "model_name": lm.name, "model_version": lm.version,
                    "site": row["site"], "decision": row["decision"], "warnings": [w["code"] for w in warnings],
