@@ -67,6 +67,8 @@ class Demo:
         self.tokens: dict[str, str] = {}
         self.server: subprocess.Popen | None = None
         self.prometheus: subprocess.Popen | None = None
+        self.listener: subprocess.Popen | None = None
+        self.pacs_server = None
         self.results: dict = {}
         self.step_no = 0
 
@@ -235,6 +237,71 @@ class Demo:
                   f"outcomes: sensitivity {sens:.2f}, specificity {spec:.2f}, {tally['errors']} errors")
         return {**tally, "sensitivity": sens, "specificity": spec}
 
+    def pacs(self, cohort: Path) -> None:
+        """One study modality → listener → PACS: Orthanc as the PACS, the DICOM listener between them.
+
+        The modality is pynetdicom's C-STORE (what a CR/DX unit does); vitals for the study's accession
+        number go to the API first (``PUT /v1/vitals``), as a bedside system would send them.
+        """
+        from app.dicom.orthanc import Orthanc, free_port, which
+
+        if which("Orthanc") is None:
+            self.step("PACS step skipped: Orthanc is not installed (apt-get install orthanc dcmtk; `make test` "
+                      "installs them)")
+            return
+        import httpx
+        import pydicom
+        from pydicom.uid import generate_uid
+        from pynetdicom import AE
+
+        orthanc = Orthanc(self.workdir / "pacs", name="cxr-demo-pacs").start()
+        self.pacs_server = orthanc
+        port = free_port()
+        log = (self.workdir / "logs" / "dicom-listener.log").open("w")
+        self.listener = subprocess.Popen(
+            [self.cxr, "dicom", "listen", "--host", "127.0.0.1", "--port", str(port), "--ae-title", "CXR-AI",
+             "--send-to", orthanc.destination, "--spool", str(self.workdir / "dicom-spool")],
+            env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        row = next(csv.DictReader((cohort / "vitals.csv").open()))
+        ds = pydicom.dcmread(cohort / row["filename"])
+        ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.AccessionNumber = "DEMO-ACC-0001"
+        vital_keys = ["temperature_c", "spo2_percent", "heart_rate_bpm", "respiratory_rate", "systolic_bp_mmhg",
+                      "age_years"]
+        vitals = {k: float(row[k]) for k in vital_keys if row.get(k) not in (None, "")}
+        r = httpx.put(f"{self.api}/v1/vitals/DEMO-ACC-0001", json=vitals, timeout=30,
+                      headers={"Authorization": f"Bearer {self.tokens['demo-clinician']}"})
+        if r.status_code != 200:
+            raise DemoFailed(f"PUT /v1/vitals answered {r.status_code}: {r.text[:300]}")
+        ae = AE(ae_title="DEMO-CR")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        deadline = time.time() + 120
+        assoc = None
+        while time.time() < deadline:  # the listener loads the champion before it listens
+            if self.listener.poll() is not None:
+                raise DemoFailed(f"DICOM listener exited with {self.listener.returncode}; see {log.name}")
+            assoc = ae.associate("127.0.0.1", port, ae_title="CXR-AI")
+            if assoc.is_established:
+                break
+            time.sleep(1)
+        if assoc is None or not assoc.is_established:
+            raise DemoFailed("the DICOM listener did not accept an association in 120 s")
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        if not status or status.Status != 0:
+            raise DemoFailed(f"C-STORE to the listener failed: {status}")
+        # the source image is not in the PACS (the modality sent it to the listener only): SR + SC
+        study = orthanc.wait_for(str(ds.StudyInstanceUID), lambda xs: len(xs) >= 2, timeout=120)
+        kinds = sorted({str(x.get("Modality")) for x in study})
+        if len(study) < 2:
+            raise DemoFailed(f"results did not reach the PACS within 120 s (study holds {kinds})")
+        self.results["pacs"] = {"orthanc": orthanc.url, "study_instance_uid": str(ds.StudyInstanceUID),
+                                "instances": len(study), "modalities": kinds}
+        self.step(f"PACS round trip: modality C-STORE → `cxr dicom listen` → Orthanc received the SR + secondary "
+                  f"capture in the source study ({', '.join(kinds)}); look at it in Orthanc Explorer "
+                  f"{orthanc.url}/app/explorer.html while the demo runs, or `dsrdump` the SR")
+
     def metrics(self) -> None:
         import httpx
 
@@ -307,7 +374,10 @@ class Demo:
                   f"{str(v.get('head_hash', ''))[:16]}…")
 
     def stop(self) -> None:
-        for proc in (self.server, self.prometheus):
+        if self.pacs_server is not None:
+            self.pacs_server.stop()
+            self.pacs_server = None
+        for proc in (self.server, self.prometheus, self.listener):
             if proc and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -329,6 +399,10 @@ class Demo:
         self.echo(f"  reports       : {', '.join(self.results.get('reports', []))}")
         self.echo(f"  API           : cxr serve  →  http://127.0.0.1:8000/docs  (set CXR_HOME={self.home})")
         self.echo("  dashboards    : grafana/dashboards/*.json (provisioning in grafana/provisioning)")
+        if self.results.get("pacs"):
+            self.echo(f"  PACS (Orthanc): study {self.results['pacs']['study_instance_uid']} holds the SR + secondary "
+                      f"capture; Orthanc's files: {self.workdir / 'pacs'} (run `Orthanc {self.workdir / 'pacs'}"
+                      f"/orthanc.json` to browse it at its HttpPort)")
         self.echo(f"  logs          : {self.workdir / 'logs'}")
         self.echo("Research software, NOT a medical device; the synthetic cohort proves the plumbing, not clinical value.")
 
@@ -358,6 +432,7 @@ def run_demo(workdir: Path, *, patients: int = 160, variant_patients: int = 60, 
         demo.train_and_release()
         demo.start_api()
         demo.results["in_distribution"] = demo.predictions(demo.workdir / "cohort", predictions, "in-distribution")
+        demo.pacs(demo.workdir / "cohort")
         demo.metrics()
         demo.variant()
         demo.compliance()

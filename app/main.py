@@ -47,8 +47,13 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from core.db import get_engine
+        from core.migrate import SchemaOutdated
 
-        get_engine()  # create tables before the first request
+        try:
+            get_engine()  # a fresh database is created; an outdated schema stops the API here
+        except SchemaOutdated as exc:
+            log.error("refusing to start: %s", exc)
+            raise
         svc.start()
         checkpointer.start()
         try:

@@ -1,8 +1,9 @@
 """The app database engine and sessions (SQLAlchemy).
 
 SQLite (WAL, synchronous=FULL so a committed row survives a crash) by default; PostgreSQL
-through ``CXR_DATABASE_URL``. Every table is defined in ``core.schema`` on the one ``Base`` and
-created on first use.
+through ``CXR_DATABASE_URL``. Every table is defined in ``core.schema``; the migrations in
+``core/migrations`` own the schema (``core.migrate``): an empty database is created on first use, an
+outdated one is refused until ``cxr db upgrade``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import get_settings
-from core.schema import Base
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
@@ -40,27 +40,11 @@ def get_engine(url: str | None = None) -> Engine:
                     cur.execute("PRAGMA busy_timeout=30000")
                     cur.close()
 
-            Base.metadata.create_all(engine)
-            _add_missing_columns(engine)
+            from core.migrate import ensure_schema
+
+            ensure_schema(engine)  # a fresh database is created by the migrations; an old one is refused
             _engines[url] = engine
         return engine
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Add nullable columns the schema gained since a database was created (create_all adds tables,
-    never columns): e.g. ``audit_trail.key_id``, ``e_signatures.artifact_sha256``."""
-    from sqlalchemy import inspect
-
-    insp = inspect(engine)
-    for table in Base.metadata.sorted_tables:
-        if not insp.has_table(table.name):
-            continue
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for col in table.columns:
-            if col.name not in have and col.nullable:
-                ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(ddl)
 
 
 def dispose_engines() -> None:

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "app.cli.models",  # cxr train / evaluate
     "app.cli.governance",  # cxr users / tokens / model / audit
     "app.cli.pipeline",  # cxr pipeline compile/run/submit, cxr reproduce
+    "app.cli.db",  # cxr db status / upgrade
     "app.cli.serve",  # cxr serve
     "app.cli.demo",  # cxr demo
     "app.cli.dicom",  # cxr dicom listen
