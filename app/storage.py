@@ -50,12 +50,9 @@ def save_prediction(row: dict[str, Any]) -> dict[str, Any]:
     return save_prediction_sealed(row)[0]
 
 
-def save_prediction_sealed(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """``save_prediction`` + the SHA-256 of the stored row (``compliance.audit.row_sha256``), which the
-    ``prediction.served`` audit entry carries so an edited row is detected by ``cxr audit verify``."""
-    from compliance.audit import row_sha256
-
-    obj = PredictionRow(
+def prediction_row(row: dict[str, Any]) -> PredictionRow:
+    """The ``predictions`` row for ``row`` (not yet stored)."""
+    return PredictionRow(
         id=row["id"], created_at=row["created_at"], model_name=row["model_name"],
         model_version=str(row["model_version"]), site=row["site"], accession_hash=row.get("accession_hash"),
         requested_by=row["requested_by"], probabilities=json.dumps(row["probabilities"], sort_keys=True),
@@ -66,6 +63,14 @@ def save_prediction_sealed(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
         deployment_prevalence=row.get("deployment_prevalence"),
         p_covid19_at_site_prevalence=row.get("p_covid19_at_site_prevalence"),
     )
+
+
+def save_prediction_sealed(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``save_prediction`` + the SHA-256 of the stored row (``compliance.audit.row_sha256``), which the
+    ``prediction.served`` audit entry carries so an edited row is detected by ``cxr audit verify``."""
+    from compliance.audit import row_sha256
+
+    obj = prediction_row(row)
     with session_scope() as s:
         s.add(obj)
         s.flush()

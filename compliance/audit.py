@@ -83,8 +83,13 @@ def row_sha256(obj: Any) -> str:
 
 
 def record_event(action: str, *, actor: str, role: str = "unknown", subject: str = "",
-                 details: dict[str, Any] | None = None, database_url: str | None = None) -> dict[str, Any]:
-    """Append one event to the audit trail and return it as a dict. Written by the code that acts."""
+                 details: dict[str, Any] | None = None, database_url: str | None = None,
+                 rows: tuple = ()) -> dict[str, Any]:
+    """Append one event to the audit trail and return it as a dict. Written by the code that acts.
+
+    ``rows``: ORM rows (of ``core.schema`` tables, keys already set) inserted in the same transaction,
+    before the entry: the row and the entry that records it commit together, with one durable write
+    (the prediction service stores each prediction this way)."""
     details_json = canonical_json(details or {})
     active = active_key()  # the one key source every writer uses (compliance.audit_anchor)
     key_id, key = active if active else (None, None)
@@ -112,6 +117,9 @@ def record_event(action: str, *, actor: str, role: str = "unknown", subject: str
             row = {"seq": seq, "time_utc": time_utc, "actor": actor, "role": role, "action": action,
                    "subject": subject, "details": details_json, "prev_hash": prev_hash, "entry_hash": entry_hash,
                    "key_id": key_id}
+            for obj in rows:
+                conn.execute(obj.__table__.insert().values(
+                    **{c.name: getattr(obj, c.name) for c in obj.__table__.columns if getattr(obj, c.name) is not None}))
             conn.execute(AuditEntry.__table__.insert().values(**row))
             conn.commit()
     if action not in CHECKPOINT_EXEMPT:

@@ -214,7 +214,7 @@ class PredictionService:
         ``vitals``: already parsed (``models.preprocessing.parse_vitals``); ``channel``: the entry
         point (``rest``, ``stow``, ``dicom``), recorded in the audit entry."""
         from app import metrics
-        from compliance.audit import record_event
+        from compliance.audit import record_event, row_sha256
         from models.preprocessing import prepare_image
 
         settings = self.settings
@@ -253,13 +253,17 @@ class PredictionService:
             "view": "AP Supine" if supine and view in (None, "AP") else view,
         }
         row.update(site_prevalence_correction(lm.model, site, row["p_covid19"], settings))
-        pred, row_hash = storage.save_prediction_sealed(row)  # committed durably before the caller answers
+        stored = storage.prediction_row(row)
         details = {"prediction_id": row["id"], "model_name": lm.name, "model_version": lm.version,
                    "site": row["site"], "decision": row["decision"], "warnings": [w["code"] for w in warnings],
-                   "row_sha256": row_hash}
+                   "row_sha256": row_sha256(stored)}
         if channel != "rest":
             details["channel"] = channel
-        record_event("prediction.served", actor=actor, role=role, subject=f"prediction/{row['id']}", details=details)
+        # the row and the entry that records it commit in one transaction (one durable write), before the
+        # caller answers: no prediction without its audit entry, and half the fsyncs of two commits
+        record_event("prediction.served", actor=actor, role=role, subject=f"prediction/{row['id']}", details=details,
+                     rows=(stored,))
+        pred = stored.as_dict()
         self.input_cache.put(row["id"], prepared, parsed)
         try:
             metrics.record_prediction(max(probs, key=probs.get), row["decision"], lm.version, row["site"],
