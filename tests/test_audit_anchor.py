@@ -312,7 +312,9 @@ def _stored_prediction(pid: str, created_at: str = "2026-11-01T10:00:00.000000Z"
     ("UPDATE outcomes SET confirmed_class='normal', truth_positive=0 WHERE prediction_id='p-1'", "outcome row 1 does not match"),
     ("UPDATE outcomes SET recorded_by='mallory' WHERE prediction_id='p-2'", "outcome row 2 does not match"),
     ("DELETE FROM predictions WHERE id='p-1'", "prediction row p-1 it records is missing"),
-    ("INSERT INTO predictions SELECT 'p-9', created_at, model_name, model_version, site, accession_hash, requested_by, "
+    ("INSERT INTO predictions (id, created_at, model_name, model_version, site, accession_hash, requested_by, "
+     "probabilities, p_covid19, operating_threshold, decision, ood_score, warnings, vitals_present, view) "
+     "SELECT 'p-9', created_at, model_name, model_version, site, accession_hash, requested_by, "
      "probabilities, p_covid19, operating_threshold, decision, ood_score, warnings, vitals_present, view FROM predictions "
      "WHERE id='p-1'", "prediction row p-9 has no prediction.served audit entry"),
 ])
