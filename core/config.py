@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 64 * 1024 * 1024
     cache_image_size: int = 256  # side of the cached preprocessed array (pixels)
 
+    # failed API authentication per client address: a burst, then this many per minute (then 429)
+    auth_fail_burst: int = 20
+    auth_fail_per_minute: float = 10.0
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     champion_poll_seconds: float = 5.0
