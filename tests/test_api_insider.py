@@ -61,9 +61,6 @@ def test_deflate_bomb_through_the_real_api_keeps_peak_memory_bounded(server, api
         r = c.post("/v1/predictions", headers=headers, files={"image": ("bomb.dcm", bomb, "application/dicom")})
         seconds = time.perf_counter() - t0
         after = _vm(server.proc.pid, "VmHWM")
-    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
-    assert r.headers["content-type"] == "application/problem+json"
-    assert r.json()["code"] == "image-refused/decompression-bomb", r.json()
     growth = after - before
     record = (f"deflate bomb {len(bomb) / 2**20:.2f} MiB -> 1 GiB: HTTP {r.status_code} in {seconds:.2f} s; "
               f"server VmHWM {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB (+{growth / 2**20:.1f} MiB)")
@@ -73,6 +70,9 @@ def test_deflate_bomb_through_the_real_api_keeps_peak_memory_bounded(server, api
         with open(out, "a") as fh:
             fh.write(record + "\n")
     assert growth < 100 * 10**6, record
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["code"] == "image-refused/decompression-bomb", r.json()
 
 
 def _raw_request(port: int, head: bytes, body_part: bytes, wait: float = 10.0) -> bytes:
