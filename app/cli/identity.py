@@ -30,13 +30,6 @@ NEED_CREDENTIALS = ("{what} needs an authenticated user: give --as USER --passwo
                     "first line of stdin) or a personal token in CXR_TOKEN (`cxr tokens issue`)")
 
 
-def read_stdin_line(what: str) -> str:
-    line = sys.stdin.readline()
-    if not line:
-        raise typer.BadParameter(f"{what}: stdin is empty (expected one line)")
-    return line.rstrip("\r\n")
-
-
 def claimed_name(as_user: str | None) -> str | None:
     return as_user or os.environ.get("CXR_USER") or None
 
