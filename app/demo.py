@@ -27,6 +27,8 @@ from pathlib import Path
 import typer
 
 DEMO_PASSWORD = "demo-password-not-for-production"
+# the synthetic cohort's sites (pipelines/synth.py): the demo clinician works for all of them
+DEMO_SITES = ("synthetic-site-a", "synthetic-site-b", "synthetic-site-c", "synthetic-site-d")
 DEMO_USERS = [  # name, role, printed name
     ("demo-admin", "admin", "Demo Administrator"),
     ("demo-researcher", "researcher", "Dr. Demo Researcher"),
@@ -78,9 +80,14 @@ class Demo:
         self.echo(f"[{self.step_no:2d}] {text}")
 
     def run(self, *args: str, stdin: str | None = None, user: str | None = None, check: bool = True) -> str:
+        """``cxr ARGS``; ``user``: act as that demo user, authenticated by their personal token (CXR_TOKEN)."""
         env = dict(self.env)
+        env.pop("CXR_USER", None)
+        env.pop("CXR_TOKEN", None)
         if user:
             env["CXR_USER"] = user
+            if user in self.tokens:
+                env["CXR_TOKEN"] = self.tokens[user]
         proc = subprocess.run([self.cxr, *args], input=stdin, capture_output=True, text=True, env=env,
                               cwd=self.workdir, timeout=1800)
         log = self.workdir / "logs" / f"{self.step_no:02d}-{args[0]}-{args[1] if len(args) > 1 else ''}.log"
@@ -117,12 +124,19 @@ class Demo:
         self.step(f"workspace {self.workdir} (state: CXR_HOME={self.home}; data: git + DVC project {self.project})")
 
     def users(self) -> None:
-        for name, role, full in DEMO_USERS:
-            self.run("users", "add", name, "--role", role, "--full-name", full, "--password-stdin",
-                     stdin=DEMO_PASSWORD + "\n", user="demo-admin")
-        for name, _role, _full in DEMO_USERS:
-            self.tokens[name] = self.run("tokens", "issue", "--user", name, user="demo-admin").strip().splitlines()[-1]
-        self.step("users created with roles admin, researcher, approver, clinician, compliance_officer; API tokens issued")
+        admin, role, full = DEMO_USERS[0]
+        # bootstrap: the first user (an admin) needs no credentials; everything after authenticates
+        self.run("users", "add", admin, "--role", role, "--full-name", full, "--new-password-stdin",
+                 stdin=DEMO_PASSWORD + "\n")
+        self.tokens[admin] = self.run("tokens", "issue", "--user", admin, "--as", admin, "--password-stdin",
+                                      stdin=DEMO_PASSWORD + "\n").strip().splitlines()[-1]
+        for name, role, full in DEMO_USERS[1:]:
+            sites = [a for site in DEMO_SITES for a in ("--site", site)] if role == "clinician" else []
+            self.run("users", "add", name, "--role", role, "--full-name", full, *sites, "--new-password-stdin",
+                     stdin=DEMO_PASSWORD + "\n", user=admin)
+            self.tokens[name] = self.run("tokens", "issue", "--user", name, user=admin).strip().splitlines()[-1]
+        self.step("users created with roles admin, researcher, approver, clinician (sites "
+                  f"{', '.join(DEMO_SITES)}), compliance_officer; personal API tokens issued")
 
     def cohort(self) -> None:
         cohort = self.workdir / "cohort"
@@ -170,8 +184,9 @@ class Demo:
         args = ["model", "approve", version, "--reason", "Demo release: policy criteria reviewed", "--as",
                 "demo-approver", "--password-stdin"]
         if not passed:
+            env = {k: v for k, v in self.env.items() if k not in ("CXR_USER", "CXR_TOKEN")}
             refused = subprocess.run([self.cxr, *args], input=DEMO_PASSWORD + "\n", capture_output=True, text=True,
-                                     env=self.env, cwd=self.workdir, timeout=600)
+                                     env=env, cwd=self.workdir, timeout=600)
             if refused.returncode == 0:
                 raise DemoFailed("a policy-failing version was approved without an override")
             self.step(f"approval of v{version} without an override: refused (policy fails), as the policy requires")
@@ -365,7 +380,7 @@ class Demo:
         reports.mkdir(exist_ok=True)
         for fmt in ("pdf", "json"):
             self.run("audit", "export", "--from", start, "--to", end, "--format", fmt,
-                     "--out", str(reports / f"compliance-report.{fmt}"), "--as", "demo-compliance")
+                     "--out", str(reports / f"compliance-report.{fmt}"), user="demo-compliance")
         self.results["reports"] = [str(reports / "compliance-report.pdf"), str(reports / "compliance-report.json")]
         self.step(f"compliance report exported: {reports / 'compliance-report.pdf'} and .json")
         out = self.run("audit", "verify", "--json")

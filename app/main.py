@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     champion poll interval; state (database, MLflow) is located by ``get_settings()`` as everywhere
     else. ``model_service`` defaults to a ``ModelService`` polling the ``champion`` alias."""
     from app.api import audit, dicomweb, health, model, outcomes, predictions, vitals
-    from app.auth import RequestAuditMiddleware
+    from app.auth import AuthGateMiddleware, RequestAuditMiddleware
     from app.problems import UploadLimitMiddleware, install_problem_handlers
     from app.services.audit_checkpoints import AuditCheckpointer
     from app.services.champion import ModelService
@@ -82,10 +82,32 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     for r in (predictions.router, outcomes.router, vitals.router, dicomweb.router, model.router, audit.router,
               health.router):
         app.include_router(r)
-    # outermost first: the audit/metrics wrapper sees the final status, including a 413 from the limit
+    # innermost first. Request order: audit/metrics (sees the final status) → authentication gate
+    # (401/429 before any body byte is read) → upload limit (413 while streaming) → routes
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AuthGateMiddleware, burst=settings.auth_fail_burst, per_minute=settings.auth_fail_per_minute)
     app.add_middleware(RequestAuditMiddleware)
+    from app import metrics
+
+    metrics.set_site_filter(_configured_site_filter())
     return app
+
+
+def _configured_site_filter():
+    """Metric labels carry configured sites only (cached for a few seconds: one query per 5 s at most)."""
+    import time
+
+    cache: dict = {"at": -1e9, "sites": frozenset()}
+
+    def allowed(site: str) -> bool:
+        now = time.monotonic()
+        if now - cache["at"] > 5.0 or (site not in cache["sites"] and now - cache["at"] > 0.5):
+            from compliance.users import configured_sites
+
+            cache["sites"], cache["at"] = frozenset(configured_sites()), now
+        return site in cache["sites"]
+
+    return allowed
 
 
 def app_factory() -> FastAPI:

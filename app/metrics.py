@@ -198,8 +198,23 @@ def safe_label(value: Any, *, default: str = "unknown") -> str:
     return text
 
 
+_site_filter = None  # callable(site) -> bool, installed by the API: only configured sites are labels
+
+
+def set_site_filter(allowed) -> None:
+    """Install the configured-sites check (``None``: no check, label sanitising only)."""
+    global _site_filter
+    _site_filter = allowed
+
+
 def _site_label(site: Any) -> str:
     label = safe_label(site)
+    if _site_filter is not None and label not in ("unknown", "invalid"):
+        try:
+            if not _site_filter(label):
+                return "unconfigured"
+        except Exception:  # noqa: BLE001 - metrics never fail a request
+            return "unconfigured"
     with _sites_lock:
         if label in _sites_seen:
             return label

@@ -7,7 +7,20 @@
 * Every change (user created/disabled, token issued/revoked) and every failed login is an audit
   event, written here by the code that acts.
 * After ``MAX_FAILED_LOGINS`` consecutive failures an account is locked (§11.300(d): attempts at
-  unauthorised use are detected and stopped); an admin unlocks it (``unlock_user``).
+  unauthorised use are detected and stopped); an admin unlocks it (``unlock_user``). The lock stops
+  *password* use only (CLI sign-in, e-signatures): anyone can type wrong passwords for any name, so
+  a lock must not be a way to switch off someone else's bearer tokens. Tokens end by revocation,
+  expiry or disabling the user.
+* Password check, constant order: the password is always verified (against the user's hash, or a
+  dummy hash for an unknown name) *before* the account state is looked at, and every failure —
+  wrong password, unknown user, locked, disabled — raises the same message. The audit entry keeps
+  the real reason for the compliance officer.
+* Password rules (``check_password_policy``): at least ``MIN_PASSWORD_LENGTH`` characters and a
+  zxcvbn strength score of at least ``MIN_PASSWORD_SCORE`` (its dictionaries hold the common
+  passwords, names and keyboard patterns; the user name and printed name count as guessable).
+* Sites (``user_sites``): the sites a user works for. A clinician files, reads and records outcomes
+  for predictions of their sites only (enforced by the API); the union of all users' sites is the
+  set of configured sites, the only site values a prediction or a metric label may carry.
 
 Authorisation (who may call what) is enforced by the callers (CLI, API) with ``require_role``;
 these functions take an ``actor`` only to attribute the audit entry.
@@ -25,17 +38,20 @@ from sqlalchemy import select
 
 from compliance.audit import record_event
 from core.db import session_scope
-from core.schema import ApiToken, User
+from core.schema import ApiToken, User, UserSite
 
 ROLES: tuple[str, ...] = ("clinician", "researcher", "approver", "compliance_officer", "admin")
 
 # scrypt cost: n=2**14, r=8, p=1 → 16 MiB and ~50 ms per hash on one core (OWASP minimum class).
 SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_DKLEN = 2**14, 8, 1, 32
-MIN_PASSWORD_LENGTH = 8
+MIN_PASSWORD_LENGTH = 12
+MIN_PASSWORD_SCORE = 3  # zxcvbn 0-4; 3 = "safely unguessable: moderate protection from offline attacks"
 MAX_FAILED_LOGINS = 5
 TOKEN_PREFIX = "cxr_"
 DEFAULT_TOKEN_DAYS = 365
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,47}$")  # = app.schemas.SITE_PATTERN
+AUTH_FAILED = "authentication failed: wrong user name or password, or the account is locked or disabled"
 
 
 class GovernanceError(Exception):
@@ -87,20 +103,42 @@ def verify_password(password: str, stored: str) -> bool:
 _DUMMY_HASH = hash_password("dummy-password-for-timing", salt=b"\0" * 16)
 
 
-def _check_password_policy(password: str) -> None:
+def check_password_policy(password: str | None, *, user_inputs: Iterable[str] = ()) -> None:
+    """At least ``MIN_PASSWORD_LENGTH`` characters and zxcvbn score >= ``MIN_PASSWORD_SCORE``."""
     if password is None or len(password) < MIN_PASSWORD_LENGTH:
         raise UserError(f"password too short: at least {MIN_PASSWORD_LENGTH} characters are required")
+    from zxcvbn import zxcvbn
+
+    result = zxcvbn(password[:200], user_inputs=[u for u in user_inputs if u])
+    if int(result["score"]) < MIN_PASSWORD_SCORE:
+        hint = (result.get("feedback") or {}).get("warning") or "it is a common or guessable password"
+        raise UserError(f"password too weak (strength {result['score']}/4, at least {MIN_PASSWORD_SCORE} required): "
+                        f"{hint.rstrip('.')}; use a longer passphrase of unrelated words")
+
+
+
+def _clean_sites(sites: Iterable[str] | None) -> list[str]:
+    out: list[str] = []
+    for site in sites or ():
+        site = (site or "").strip()
+        if not SITE_RE.match(site):
+            raise UserError(f"invalid site code {site!r}: use 1-48 letters, digits, '.', '_', '-'")
+        if site not in out:
+            out.append(site)
+    return out
 
 
 # --------------------------------------------------------------------------- users
 def create_user(name: str, role: str, password: str, *, full_name: str | None = None,
-                actor: str | None = None) -> User:
-    """Create an active user. ``full_name`` is the printed name on e-signatures (§11.50)."""
+                actor: str | None = None, sites: Iterable[str] | None = None) -> User:
+    """Create an active user. ``full_name`` is the printed name on e-signatures (§11.50); ``sites``
+    the sites they work for (a clinician needs at least one to file predictions)."""
     if not name or not _NAME_RE.match(name):
         raise UserError(f"invalid user name {name!r}: use 1-64 letters, digits, '.', '_', '-', '@'")
     if role not in ROLES:
         raise UserError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
-    _check_password_policy(password)
+    site_list = _clean_sites(sites)
+    check_password_policy(password, user_inputs=(name, full_name or ""))
     full_name = (full_name or name).strip()
     actor = actor or name
     with session_scope() as s:
@@ -109,9 +147,55 @@ def create_user(name: str, role: str, password: str, *, full_name: str | None = 
         user = User(name=name, full_name=full_name, role=role, password_hash=hash_password(password), active=True,
                     failed_logins=0, locked=False, created_at=_now(), created_by=actor)
         s.add(user)
+        s.flush()
+        for site in site_list:
+            s.add(UserSite(user_id=user.id, site=site))
     record_event("user.created", actor=actor, role=_role_of(actor), subject=f"user/{name}",
-                 details={"user": name, "role": role})
+                 details={"user": name, "role": role, "sites": site_list})
     return user
+
+
+def set_password(name: str, password: str, *, actor: str) -> None:
+    """Set a new password (policy checked); clears the failed-login count and the lock."""
+    with session_scope() as s:
+        user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if user is None:
+            raise UserError(f"no such user {name!r}")
+        check_password_policy(password, user_inputs=(user.name, user.full_name))
+        user.password_hash = hash_password(password)
+        user.failed_logins, user.locked = 0, False
+    record_event("user.password_changed", actor=actor, role=_role_of(actor), subject=f"user/{name}",
+                 details={"user": name, "by_self": actor == name})
+
+
+def sites_of(name: str) -> list[str]:
+    with session_scope() as s:
+        return list(s.execute(select(UserSite.site).join(User, UserSite.user_id == User.id)
+                              .where(User.name == name).order_by(UserSite.site)).scalars().all())
+
+
+def configured_sites() -> set[str]:
+    """Every site some user works for: the only valid site codes (predictions, metric labels)."""
+    with session_scope() as s:
+        return set(s.execute(select(UserSite.site).distinct()).scalars().all())
+
+
+def set_sites(name: str, sites: Iterable[str], *, actor: str) -> list[str]:
+    """Replace the sites of ``name`` (admin). Returns the new list."""
+    site_list = _clean_sites(sites)
+    with session_scope() as s:
+        user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        if user is None:
+            raise UserError(f"no such user {name!r}")
+        before = sorted(s.execute(select(UserSite.site).where(UserSite.user_id == user.id)).scalars().all())
+        for row in s.execute(select(UserSite).where(UserSite.user_id == user.id)).scalars().all():
+            s.delete(row)
+        s.flush()
+        for site in site_list:
+            s.add(UserSite(user_id=user.id, site=site))
+    record_event("user.sites_changed", actor=actor, role=_role_of(actor), subject=f"user/{name}",
+                 details={"user": name, "from": before, "to": sorted(site_list)})
+    return sorted(site_list)
 
 
 def get_user(name: str) -> User | None:
@@ -166,47 +250,55 @@ def unlock_user(name: str, *, actor: str | None = None) -> User:
 
 
 def authenticate_password(name: str, password: str, *, purpose: str = "login") -> User:
-    """Return the active user whose password matches, else raise ``AuthenticationError``.
+    """Return the active, unlocked user whose password matches, else raise ``AuthenticationError``.
 
-    Every failure is recorded as ``auth.login_failed`` (no password, only the reason). ``purpose``
-    says why credentials were asked for (e.g. ``e-signature``) and goes into that audit entry.
+    Constant order: the password is verified first (against a dummy hash for an unknown name), then
+    the account state; every failure raises the same message (``AUTH_FAILED``), so neither the
+    message nor the time tells an unknown name, a wrong password and a locked or disabled account
+    apart. Every failure is recorded as ``auth.login_failed`` with the real reason (never the
+    password); ``purpose`` says why credentials were asked for (e.g. ``e-signature``).
     """
     with session_scope() as s:
         user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
+        ok = verify_password(password or "", user.password_hash if user is not None else _DUMMY_HASH)
         if user is None:
-            verify_password(password or "", _DUMMY_HASH)
             reason = "unknown-user"
-        elif not verify_password(password or "", user.password_hash):
-            user.failed_logins = (user.failed_logins or 0) + 1
-            reason = "bad-password"
-            if user.failed_logins >= MAX_FAILED_LOGINS and not user.locked:
-                user.locked = True
-                reason = "bad-password-account-locked"
         elif not user.active:
             reason = "account-disabled"
         elif user.locked:
-            reason = "account-locked"
+            reason = "account-locked"  # even with the right password: no oracle for a locked account
+        elif not ok:
+            user.failed_logins = (user.failed_logins or 0) + 1
+            reason = "bad-password"
+            if user.failed_logins >= MAX_FAILED_LOGINS:
+                user.locked = True
+                reason = "bad-password-account-locked"
         else:
             user.failed_logins = 0
             return user
         role = user.role if user else "unknown"
     record_event("auth.login_failed", actor=name or "", role=role, subject=f"user/{name}",
                  details={"reason": reason, "purpose": purpose})
-    # One message for every reason: do not tell an attacker which part was wrong.
-    if reason in ("account-disabled", "account-locked", "bad-password-account-locked"):
-        raise AuthenticationError(f"authentication failed for {name!r}: account is "
-                                  f"{'disabled' if reason == 'account-disabled' else 'locked'}")
-    raise AuthenticationError(f"authentication failed for {name!r}: wrong user name or password")
+    raise AuthenticationError(AUTH_FAILED)
+
+
+def authenticate_token(token: str | None, *, purpose: str = "cli") -> User:
+    """The active user a personal bearer token belongs to, else ``AuthenticationError`` (audited)."""
+    user = user_for_token(token)
+    if user is None:
+        record_event("auth.login_failed", actor="anonymous", role="unknown", subject="token",
+                     details={"reason": "invalid-token", "purpose": purpose})
+        raise AuthenticationError("authentication failed: the token (CXR_TOKEN) is unknown, revoked or expired")
+    return user
 
 
 def require_role(name: str | None, roles: Iterable[str], *, action: str, subject: str = "") -> User:
     """The active user ``name`` if they hold one of ``roles``; else audit ``auth.permission_denied``."""
     roles = tuple(roles)
     user = get_user(name) if name else None
-    if user is not None and user.active and not user.locked and user.role in roles:
+    if user is not None and user.active and user.role in roles:
         return user
-    why = ("unknown user" if user is None else "account disabled" if not user.active
-           else "account locked" if user.locked else f"role {user.role!r}")
+    why = "unknown user" if user is None else "account disabled" if not user.active else f"role {user.role!r}"
     record_event("auth.permission_denied", actor=name or "", role=user.role if user else "unknown", subject=subject,
                  details={"action": action, "required_roles": list(roles), "reason": why})
     raise PermissionDenied(f"permission denied: {action} needs role {' or '.join(roles)}; "
@@ -285,7 +377,7 @@ def user_for_token(token: str | None) -> User | None:
         if row is None:
             return None
         tok, user = row
-        if tok.revoked_at or not user.active or user.locked:
+        if tok.revoked_at or not user.active:  # a password lock does not stop tokens (see module doc)
             return None
         if tok.expires_at and tok.expires_at <= _now():
             return None

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     batch_window_ms: float = 3.0
     batch_max_size: int = 16
 
+    # failed API authentication per client address: a burst, then this many per minute (then 429)
+    auth_fail_burst: int = 20
+    auth_fail_per_minute: float = 10.0
+
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     champion_poll_seconds: float = 5.0
@@ -82,7 +86,8 @@ class Settings(BaseSettings):
     def state_dir(self) -> Path:
         home = self.home or Path(os.environ.get("CXR_HOME", self.project_root / ".cxr"))
         home = Path(home).resolve()
-        home.mkdir(parents=True, exist_ok=True)
+        if not home.exists():
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)  # state: database, secrets, artefacts
         return home
 
     @property
@@ -126,10 +131,25 @@ class Settings(BaseSettings):
         if not path.exists():
             import secrets
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
-        return path.read_text().strip()
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # created 0600 with O_EXCL (never world-readable, not even between write and chmod);
+            # a concurrent first use loses the race and reads the winner's value
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(32))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        value = path.read_text().strip()
+        if not value:  # a concurrent creator has not written yet
+            import time
+
+            time.sleep(0.05)
+            value = path.read_text().strip()
+        return value
 
 
 @lru_cache(maxsize=1)

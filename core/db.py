@@ -7,6 +7,7 @@ outdated one is refused until ``cxr db upgrade``.
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -21,6 +22,26 @@ _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 
 
+def _sqlite_path(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        db = make_url(url).database
+    except Exception:  # noqa: BLE001
+        return None
+    return db if db and db != ":memory:" and not db.startswith("file:") else None
+
+
+def create_private_file(path: str | os.PathLike) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (``O_CREAT|O_EXCL``: created with that
+    mode, never chmod-ed after the fact, so there is no window in which another account can open it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def get_engine(url: str | None = None) -> Engine:
     url = url or get_settings().app_database_url
     with _lock:
@@ -28,6 +49,11 @@ def get_engine(url: str | None = None) -> Engine:
         if engine is None:
             kwargs: dict = {}
             if url.startswith("sqlite"):
+                # The database holds users, token hashes, the audit trail and predictions: 0600. SQLite
+                # creates its -wal and -shm files with the database file's permissions.
+                path = _sqlite_path(url)
+                if path:
+                    create_private_file(path)
                 kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
             engine = create_engine(url, **kwargs)
             if url.startswith("sqlite"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -43,6 +43,21 @@ class User(Base):
 
     def __repr__(self) -> str:  # never shows the hash
         return f"User(name={self.name!r}, role={self.role!r}, active={self.active})"
+
+
+# ---------------------------------------------------------------- owner: compliance.users
+class UserSite(Base):
+    """The sites a user works for (a clinician files and reads predictions of these sites only).
+
+    The set of all site codes in this table is the set of *configured* sites: only these are
+    metric label values and valid ``site`` fields of a prediction."""
+
+    __tablename__ = "user_sites"
+    __table_args__ = (UniqueConstraint("user_id", "site", name="uq_user_sites_user_site"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    site: Mapped[str] = mapped_column(String(48), index=True)
 
 
 # ---------------------------------------------------------------- owner: compliance.users
@@ -167,7 +182,16 @@ class PredictionRow(Base):
 
 # ---------------------------------------------------------------- owner: app.storage
 class OutcomeRow(Base):
+    """One recorded outcome. At most one *first* outcome per prediction (``supersedes_id`` NULL) and
+    at most one correction per superseded row: both are unique indexes, so two replicas racing to
+    record the first outcome (or to correct the same row) cannot both commit."""
+
     __tablename__ = "outcomes"
+    __table_args__ = (
+        Index("uq_outcomes_first_per_prediction", "prediction_id", unique=True,
+              sqlite_where=text("supersedes_id IS NULL"), postgresql_where=text("supersedes_id IS NULL")),
+        Index("uq_outcomes_supersedes", "supersedes_id", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)

@@ -20,9 +20,19 @@ Order of checks (all on the header, *before* any pixel decoding):
 8. BitsAllocated 8/16, BitsStored 8–16                           → ``bits-stored``
 9. Rows × Columns ≤ ``max_pixels`` (decompression-bomb guard)    → ``too-many-pixels``
 
+Bounded decompression (``decompression-bomb``): nothing is inflated beyond what the header allows.
+A Deflated Explicit VR Little Endian file is *not* handed to ``dcmread`` (which inflates the whole
+data set at once, unbounded): the data set is inflated incrementally, first only up to the Pixel
+Data element (at most ``HEADER_INFLATE_LIMIT``), the header checks above run on that, and only then
+is the rest inflated, at most Rows × Columns × SamplesPerPixel × BitsAllocated/8 plus
+``INFLATE_SLACK`` bytes. Encapsulated (compressed) frames are checked before any decoder sees them:
+the codestream's own dimensions (JPEG / JPEG-LS SOF, JPEG 2000 SIZ) may not exceed the header's,
+and each RLE segment's decoded length (counted from its run headers, nothing decoded) may not
+exceed Rows × Columns.
+
 Refusal codes (``ImageRefused.code``): ``wrong-modality``, ``not-chest``, ``lateral-view``,
 ``not-frontal``, ``colour-image``, ``multi-frame``, ``no-pixel-data``, ``bits-stored``,
-``too-many-pixels``, ``not-dicom``, ``truncated``, ``undecodable``; for paths also ``not-found``,
+``too-many-pixels``, ``decompression-bomb``, ``not-dicom``, ``truncated``, ``undecodable``; for paths also ``not-found``,
 ``not-a-file``, ``unreadable``; ``load_png`` adds ``not-image``.
 
 Then pixels are decoded through pydicom's ``pixel_array``, which tries every installed decoder plugin
@@ -269,14 +279,18 @@ def _decode_dicom(source: Any, *, max_pixels: int | None, target_size: int | Non
         max_pixels = _default_max_pixels()
     if len(data) == 0:
         raise ImageRefused("not-dicom", "the file is empty; expected a DICOM Part 10 file")
+    deflated = _DeflatedDataSet.open(data)  # None unless the transfer syntax is Deflated
     try:
         with _w.catch_warnings(record=True) as read_warnings:
             _w.simplefilter("always")
-            ds = pydicom.dcmread(io.BytesIO(data), force=False)
+            # deflated: only the header (up to Pixel Data) is inflated here, bounded
+            ds = deflated.header() if deflated is not None else pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError:
         raise ImageRefused(
             "not-dicom", "no DICOM Part 10 header (128-byte preamble + 'DICM') found; expected a DICOM file"
         ) from None
+    except ImageRefused:
+        raise
     except (EOFError, OSError) as exc:
         raise ImageRefused("truncated", f"the DICOM file ends unexpectedly ({type(exc).__name__}); expected a complete file") from None
     except Exception as exc:  # noqa: BLE001
@@ -339,7 +353,7 @@ def _decode_dicom(source: Any, *, max_pixels: int | None, target_size: int | Non
         raise ImageRefused("multi-frame", f"the image has {frames} frames; expected a single-frame radiograph")
 
     # 7. pixel data
-    if "PixelData" not in ds:
+    if "PixelData" not in ds and not (deflated is not None and deflated.pixel_data_seen):
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         found = f"only {other[0]}" if other else "no Pixel Data element"
         raise ImageRefused("no-pixel-data", f"the file has {found}; expected an image with Pixel Data")
@@ -360,6 +374,15 @@ def _decode_dicom(source: Any, *, max_pixels: int | None, target_size: int | Non
         raise ImageRefused(
             "too-many-pixels", f"the header declares {rows} x {cols} = {rows * cols} pixels; the limit is {max_pixels}"
         )
+
+    # 10. bounded decompression: inflate / decode no more than the header allows
+    if deflated is not None:
+        with _w.catch_warnings(record=True) as read_warnings:
+            _w.simplefilter("always")
+            ds = deflated.full(rows * cols * samples * (bits_alloc // 8), rows, cols, bits_alloc)
+        _check_complete(ds, [str(w.message) for w in read_warnings])
+    elif ts_uid is not None and getattr(ts_uid, "is_compressed", False):
+        _check_encapsulated(ds, str(ts_uid), rows, cols, samples, bits_alloc)
 
     pixels = voi_note = None
     reduction = 0
@@ -399,6 +422,9 @@ def _decode_dicom(source: Any, *, max_pixels: int | None, target_size: int | Non
         "decode_reduction": reduction,
         "patient_sex": _str(ds, "PatientSex"),
         "patient_age": _str(ds, "PatientAge"),
+        # the flag only (the free-text fields it comes from are never kept); read from this one
+        # decoded header, so no caller parses (or inflates) the file a second time for it
+        "supine": any("SUPINE" in (_str(ds, t) or "").upper() for t in SUPINE_TAGS),
     }
     patient = {
         "patient_id": _str(ds, "PatientID"),
@@ -426,6 +452,198 @@ def _decode_dicom(source: Any, *, max_pixels: int | None, target_size: int | Non
         patient=patient,
         reduction=reduction,
     )
+
+
+SUPINE_TAGS = ("PatientPosition", "SeriesDescription", "ProtocolName", "StudyDescription",
+               "AcquisitionDeviceProcessingDescription", "ViewName")
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+HEADER_INFLATE_LIMIT = 8 * 1024 * 1024  # inflated data set before Pixel Data, at most
+INFLATE_SLACK = 1024 * 1024  # beyond the pixel bytes the header allows (trailing elements, padding)
+_PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_INFLATE_STEP = 256 * 1024
+
+
+class _DeflatedDataSet:
+    """A Deflated Explicit VR Little Endian data set, inflated in two bounded steps (see module doc)."""
+
+    def __init__(self, data: bytes, offset: int, preamble: bytes | None, meta) -> None:
+        import zlib
+
+        self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._pending: bytes = data[offset:]
+        self._out = bytearray()
+        self._ended = False
+        self.preamble, self.meta = preamble, meta
+        self.pixel_data_seen = False
+        self.header_length = 0
+
+    @classmethod
+    def open(cls, data: bytes) -> "_DeflatedDataSet | None":
+        """Read the (never compressed) file meta; a ``_DeflatedDataSet`` when the syntax is Deflated."""
+        from pydicom.filereader import _read_file_meta_info, read_preamble
+
+        if len(data) < 132 or data[128:132] != b"DICM":
+            return None  # dcmread gives the usual refusal
+        try:
+            fp = io.BytesIO(data)
+            preamble = read_preamble(fp, False)
+            meta = _read_file_meta_info(fp)
+        except Exception:  # noqa: BLE001 - a broken meta header: dcmread refuses it with a reason
+            return None
+        if str(meta.get("TransferSyntaxUID", "") or "") != DEFLATED_TS:
+            return None
+        return cls(data, fp.tell(), preamble, meta)
+
+    def _inflate_to(self, limit: int) -> None:
+        try:
+            while not self._ended and len(self._out) < limit:
+                chunk = self._z.decompress(self._pending, min(_INFLATE_STEP, limit - len(self._out)))
+                self._pending = self._z.unconsumed_tail
+                self._out += chunk
+                if self._z.eof or (not chunk and not self._pending):
+                    self._ended = True
+        except Exception as exc:  # zlib.error: corrupt stream
+            raise ImageRefused("undecodable", f"the deflated data set is corrupt ({type(exc).__name__}); "
+                               "expected a valid Deflated Explicit VR Little Endian file") from None
+
+    def _dataset(self, raw: bytes, stop_at_pixels: bool):
+        from pydicom.dataset import FileDataset
+        from pydicom.filereader import read_dataset
+
+        stopped = []
+
+        def stop_when(tag, vr, length) -> bool:
+            if tag == 0x7FE00010:
+                stopped.append(True)
+                return True
+            return False
+
+        ds = read_dataset(io.BytesIO(raw), False, True, stop_when=stop_when if stop_at_pixels else None)
+        fds = FileDataset("", ds, preamble=self.preamble, file_meta=self.meta)
+        return fds, bool(stopped)
+
+    def header(self):
+        """The data set up to (not including) Pixel Data; at most ``HEADER_INFLATE_LIMIT`` inflated."""
+        searched = 0
+        while True:
+            self._inflate_to(min(HEADER_INFLATE_LIMIT, len(self._out) + _INFLATE_STEP))
+            at = self._out.find(_PIXEL_TAG, max(0, searched - 3))
+            searched = len(self._out)
+            if at >= 0 or self._ended:
+                ds, stopped = self._dataset(bytes(self._out), stop_at_pixels=True)
+                if stopped or self._ended:
+                    self.pixel_data_seen = stopped
+                    return ds
+            if len(self._out) >= HEADER_INFLATE_LIMIT:
+                raise ImageRefused("decompression-bomb", f"the deflated data set inflates to more than "
+                                   f"{HEADER_INFLATE_LIMIT // (1024 * 1024)} MiB before its Pixel Data; expected a "
+                                   "radiograph header")
+
+    def full(self, pixel_bytes: int, rows: int, cols: int, bits: int):
+        """The whole data set, inflated to at most the header's pixel bytes + the header + slack."""
+        limit = len(self._out) + pixel_bytes + INFLATE_SLACK
+        self._inflate_to(limit + 1)
+        if len(self._out) > limit:
+            raise ImageRefused("decompression-bomb", f"the deflated data set inflates beyond what its header allows "
+                               f"({rows} x {cols} pixels at {bits} bits + {INFLATE_SLACK // 1024} KiB); refused "
+                               "before decoding")
+        raw, self._out, self._pending = bytes(self._out), bytearray(), b""
+        ds, _ = self._dataset(raw, stop_at_pixels=False)
+        return ds
+
+
+_JPEG_TS = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+            "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+_J2K_TS = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+           "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+_RLE_TS = "1.2.840.10008.1.2.5"
+
+
+def _jpeg_dimensions(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the first SOF (JPEG) or SOF55 (JPEG-LS) marker; None if not found."""
+    i, n = 2, len(frame)
+    if frame[:2] != b"\xff\xd8":
+        return None
+    while i + 4 <= n:
+        if frame[i] != 0xFF:
+            i += 1
+            continue
+        marker = frame[i + 1]
+        if marker in (0xFF, 0x01) or 0xD0 <= marker <= 0xD8:
+            i += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(frame[i + 2:i + 4], "big")
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(frame[i + 5:i + 7], "big"), int.from_bytes(frame[i + 7:i + 9], "big")
+        if marker == 0xDA:  # start of scan without a frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _j2k_dimensions(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the SIZ marker of a JPEG 2000 codestream (raw or inside a JP2 box)."""
+    at = frame.find(b"\xff\x4f\xff\x51", 0, 65536)
+    if at < 0 or at + 24 > len(frame):
+        return None
+    siz = at + 4
+    xsiz, ysiz, xo, yo = (int.from_bytes(frame[siz + k:siz + k + 4], "big") for k in (4, 8, 12, 16))
+    return max(0, ysiz - yo), max(0, xsiz - xo)
+
+
+def _rle_segment_length(seg: memoryview, limit: int) -> int:
+    """Decoded length of one PackBits segment, counted from its run headers (nothing decoded);
+    stops counting as soon as ``limit`` is passed."""
+    total, i, n = 0, 0, len(seg)
+    while i < n and total <= limit:
+        h = seg[i]
+        if h < 128:
+            total += h + 1
+            i += h + 2
+        elif h > 128:
+            total += 257 - h
+            i += 2
+        else:
+            i += 1
+    return total
+
+
+def _check_encapsulated(ds, ts_uid: str, rows: int, cols: int, samples: int, bits_alloc: int) -> None:
+    """Refuse an encapsulated frame that would decode to more than the header allows (module doc)."""
+    try:
+        from pydicom.encaps import generate_frames
+
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # noqa: BLE001 - malformed encapsulation: the decoders refuse it with a reason
+        return
+    dims = None
+    if ts_uid in _JPEG_TS:
+        dims = _jpeg_dimensions(frame)
+    elif ts_uid in _J2K_TS:
+        dims = _j2k_dimensions(frame)
+    elif ts_uid == _RLE_TS:
+        if len(frame) < 64:
+            return
+        n_seg = int.from_bytes(frame[:4], "little")
+        expected = samples * (bits_alloc // 8)
+        if n_seg > 15 or n_seg > expected:
+            raise ImageRefused("decompression-bomb", f"the RLE frame has {n_seg} segments; the header allows {expected}")
+        offsets = [int.from_bytes(frame[4 + 4 * k:8 + 4 * k], "little") for k in range(n_seg)] + [len(frame)]
+        view = memoryview(frame)
+        per_segment = rows * cols + 1  # a segment may be padded to an even length
+        for k in range(n_seg):
+            a, b = offsets[k], offsets[k + 1]
+            if not (64 <= a <= b <= len(frame)):
+                return  # malformed: the decoders refuse it
+            if _rle_segment_length(view[a:b], per_segment) > per_segment:
+                raise ImageRefused("decompression-bomb", f"an RLE segment decodes to more than the header's "
+                                   f"{rows} x {cols} pixels; refused before decoding")
+        return
+    if dims is not None and (dims[0] > rows or dims[1] > cols):
+        raise ImageRefused("decompression-bomb", f"the compressed frame declares {dims[0]} x {dims[1]} pixels but "
+                           f"the DICOM header {rows} x {cols}; refused before decoding")
 
 
 def _check_complete(ds, read_warnings: list[str]) -> None:

@@ -196,6 +196,28 @@ def _read_csv(path: Path) -> list[dict]:
         return [dict(r) for r in csv.DictReader(fh)]
 
 
+def _confined(base: Path, name: str) -> tuple[Path | None, str | None]:
+    """``base / name`` when it stays inside ``base``; else (None, reason). An index file is input:
+    an absolute name, a ``..`` component, a drive or a link that resolves outside the source folder
+    would make the import read (and cache, and version) files the operator never chose."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    text = name.replace("\\", "/")
+    if (PurePosixPath(text).is_absolute() or PureWindowsPath(name).drive or PureWindowsPath(name).is_absolute()
+            or name.startswith(("/", "\\", "~"))):
+        return None, "the file name is an absolute path; index files name images relative to the source folder"
+    if ".." in PurePosixPath(text).parts:
+        return None, "the file name contains '..'; index files may not name files outside the source folder"
+    path = base / text
+    try:
+        root = base.resolve()
+        if path.exists() and root not in path.resolve().parents:
+            return None, "the file name resolves (through a link) outside the source folder"
+    except (OSError, RuntimeError):
+        return None, "the file name cannot be resolved inside the source folder"
+    return path, None
+
+
 def detect_layout(source: Path) -> str:
     if (source / "metadata.csv").is_file() and (source / "images").is_dir():
         return "public"
@@ -206,7 +228,7 @@ def _public_records(source: Path) -> list[Record]:
     records = []
     for i, r in enumerate(_read_csv(source / "metadata.csv"), start=1):
         fn = (r.get("filename") or "").strip()
-        path = (source / "images" / fn) if fn else None
+        path, outside = _confined(source / "images", fn) if fn else (None, None)
         rec = Record(row=i, path=path, kind="image", source=PUBLIC_SOURCE, raw={
             "patient_key": (r.get("patientid") or "").strip(),
             "finding": (r.get("finding") or "").strip(),
@@ -225,6 +247,8 @@ def _public_records(source: Path) -> list[Record]:
         })
         if not fn:
             rec.code, rec.reason = "missing-file", "the row names no image file (column `filename` is empty)"
+        elif outside:
+            rec.code, rec.reason = "path-outside-source", outside
         elif not path.is_file():
             rec.code, rec.reason = "missing-file", "the image file the row names is not in images/"
         elif rec.raw["modality"] and rec.raw["modality"].lower() not in ("x-ray", "xray", "cr", "dx"):
@@ -237,10 +261,12 @@ def _public_records(source: Path) -> list[Record]:
 def _dicom_records(source: Path) -> list[Record]:
     index_path = next((source / n for n in INDEX_NAMES if (source / n).is_file()), None)
     index_files = {source / n for n in INDEX_NAMES}
+    root = source.resolve()
     files = sorted(
         p for p in source.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
         and p not in index_files and p.name.lower() not in ("readme.md", "readme.txt")
+        and root in p.resolve().parents  # a link out of the source folder is not imported
     )
     records: list[Record] = []
     if index_path is None:
@@ -253,7 +279,7 @@ def _dicom_records(source: Path) -> list[Record]:
     listed = set()
     for i, r in enumerate(rows, start=1):
         fn = (r.get("filename") or "").strip()
-        path = (source / fn) if fn else None
+        path, outside = _confined(source, fn) if fn else (None, None)
         raw = {k: (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k}
         raw["patient_key"] = raw.pop("patient_id", "") or ""
         raw["finding"] = raw.pop("label", "") or ""
@@ -261,6 +287,8 @@ def _dicom_records(source: Path) -> list[Record]:
         rec = Record(row=i, path=path, kind="dicom", source=DICOM_SOURCE, raw=raw)
         if not fn:
             rec.code, rec.reason = "missing-file", f"{index_path.name} row names no file"
+        elif outside:
+            rec.code, rec.reason = "path-outside-source", outside
         elif not path.is_file():
             rec.code, rec.reason = "missing-file", f"the file this {index_path.name} row names does not exist"
         else:

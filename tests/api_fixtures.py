@@ -25,6 +25,10 @@ PASSWORD = "correct-horse-battery"
 ROLES = ("clinician", "researcher", "approver", "compliance_officer", "admin")
 USERS = {"clinician": "dr-clin", "researcher": "rita", "approver": "alice", "compliance_officer": "carl",
          "admin": "root-admin"}
+# sites: the main clinician works at site-a only (may omit `site`); a second clinician at site-b is the
+# attacker of the object-level tests (token key "clinician_b"); site-c is configured, nobody files there
+SITES = {"clinician": ("site-a",), "admin": ("site-a", "site-b", "site-c")}
+CLINICIAN_B = ("dr-b", ("site-b",))
 ENV_KEYS = ("CXR_HOME", "CXR_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "CXR_DATABASE_URL", "CXR_AUDIT_HMAC_KEY",
             "CXR_CHAMPION_POLL_SECONDS", "CXR_USER")
 
@@ -116,7 +120,10 @@ def api_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         from pipelines.ingest import import_dataset
 
         for role, name in USERS.items():
-            create_user(name, role, PASSWORD, full_name=f"Test {role.replace('_', ' ').title()}", actor="bootstrap")
+            create_user(name, role, PASSWORD, full_name=f"Test {role.replace('_', ' ').title()}", actor="bootstrap",
+                        sites=SITES.get(role))
+        create_user(CLINICIAN_B[0], "clinician", PASSWORD, full_name="Test Clinician B", actor="bootstrap",
+                    sites=CLINICIAN_B[1])
         _synth(base / "synth", patients=40, seed=11)
         import_dataset(base / "synth", "apicohort", seed=11, actor=USERS["researcher"], track=False, quiet=True,
                        workers=1)
@@ -127,6 +134,7 @@ def api_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
                               reason="API test champion (tiny synthetic model)",
                               override_policy_reason="tiny CI model: the release policy cannot pass on 40 patients")
         tokens = {role: issue_token(name, actor=USERS["admin"]) for role, name in USERS.items()}
+        tokens["clinician_b"] = issue_token(CLINICIAN_B[0], actor=USERS["admin"])
         yield ApiEnv(home=home, project=project, version=version, tokens=tokens, database_url=database_url,
                      backend=backend)
     finally:

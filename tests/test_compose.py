@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "MINIO_ROOT_PASSWORD": "minio-secret",
            "CXR_PSEUDONYM_KEY": "0" * 64, "GRAFANA_ADMIN_PASSWORD": "grafana-secret",
-           "ORTHANC_ADMIN_PASSWORD": "orthanc-secret"}
-LONG_RUNNING = {"api", "mlflow", "postgres", "minio", "prometheus", "grafana", "dicom", "orthanc"}
+           "ORTHANC_ADMIN_PASSWORD": "orthanc-secret",
+           "CXR_TLS_CERT": "/etc/cxr/tls/tls.crt", "CXR_TLS_KEY": "/etc/cxr/tls/tls.key"}
+LONG_RUNNING = {"api", "mlflow", "postgres", "minio", "prometheus", "grafana", "dicom", "orthanc", "tls-proxy"}
 
 
 def _run_config(env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
@@ -188,9 +189,29 @@ def test_host_ports_are_unique_and_admin_uis_are_local_only(rendered):
         for spec in svc.get("ports", []):
             text = str(spec)
             host_ports.append(int(text.split("/")[0].split(":")[-2]))
-            if name != "api":
+            if name != "tls-proxy":  # only the HTTPS proxy may face the hospital network
                 assert text.startswith("127.0.0.1:"), f"{name} publishes {text} beyond localhost"
     assert len(host_ports) == len(set(host_ports))
+
+
+def test_the_network_reaches_the_api_over_tls_only(rendered):
+    """Plain HTTP stays on loopback; tls-proxy serves HTTPS from the cert/key secrets and forwards the
+    client address (the API's per-client rate limit) to api:8000 on the compose network."""
+    api = rendered["services"]["api"]
+    assert all(str(p).startswith("127.0.0.1:") for p in api.get("ports", [])), api["ports"]
+    assert "--proxy-headers" in api["command"]
+    proxy = rendered["services"]["tls-proxy"]
+    assert 8443 in _published(proxy), proxy["ports"]
+    conf = "\n".join(proxy["command"])
+    port = _env(api)["CXR_API_PORT"]
+    assert "listen 8443 ssl" in conf and f"proxy_pass http://api:{port}" in conf
+    assert "ssl_certificate     /run/secrets/tls_cert" in conf and "ssl_certificate_key /run/secrets/tls_key" in conf
+    # `$$` in the file is a literal `$` for nginx (docker-compose 1.x prints it still escaped)
+    assert re.search(r"X-Forwarded-For \$\$?remote_addr;", conf), conf
+    assert {s if isinstance(s, str) else s["source"] for s in proxy["secrets"]} == {"tls_cert", "tls_key"}
+    assert rendered["secrets"]["tls_cert"]["file"] == SECRETS["CXR_TLS_CERT"]
+    res = _run_config({k: v for k, v in SECRETS.items() if k != "CXR_TLS_KEY"})
+    assert res.returncode != 0 and "CXR_TLS_KEY" in res.stderr
 
 
 def test_dockerfile_installs_the_project_and_serves_on_the_api_port():

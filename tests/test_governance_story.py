@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 pytestmark = pytest.mark.app_databases  # SQLite and PostgreSQL
 
-PW = {"root": "root-password-1", "rita": "rita-password-1", "alice": "alice-password-1",
-      "carol": "carol-password-1"}
+PW = {"root": "root-velvet-harbor-19", "rita": "rita-copper-lantern-27", "alice": "alice-quiet-meadow-35",
+      "carol": "carol-amber-thistle-48"}
 
 
 def _cli() -> typer.Typer:
@@ -37,6 +37,13 @@ def run(args, *, user=None, password=None, input_text=None):
     return CliRunner().invoke(_cli(), args, input=stdin, env=env)
 
 
+def as_admin(args, new_password=None, *, admin="root"):
+    """An admin action, authenticated: the admin's password, then (for add/passwd) the new password."""
+    stdin = f"{PW[admin]}\n" + (f"{new_password}\n" if new_password is not None else "")
+    extra = ["--as", admin, "--password-stdin"] + (["--new-password-stdin"] if new_password is not None else [])
+    return CliRunner().invoke(_cli(), [*args, *extra], input=stdin, env={"CXR_USER": None, "CXR_TOKEN": None})
+
+
 def champion(client) -> str:
     return str(client.get_model_version_by_alias("covid-cxr", "champion").version)
 
@@ -51,17 +58,37 @@ def test_governance_story(cxr_env):
     from compliance.approvals import signatures, verify_signature
 
     # --- users (bootstrap rule: first user must be admin; afterwards only admins add users) ----------
-    r = run(["users", "add", "rita", "--role", "researcher", "--password-stdin"], user="root", password=PW["rita"])
+    r = run(["users", "add", "rita", "--role", "researcher", "--new-password-stdin"], password=PW["rita"])
     assert r.exit_code != 0 and "first user must have role admin" in r.output
-    assert run(["users", "add", "root", "--role", "admin", "--password-stdin"], user="root",
-               password=PW["root"]).exit_code == 0
-    r = run(["users", "add", "eve", "--role", "admin", "--password-stdin"], user="nobody", password="whatever-pw")
-    assert r.exit_code != 0 and "permission denied" in r.output
+    r = run(["users", "add", "root", "--role", "admin", "--new-password-stdin"], password="password1234")
+    assert r.exit_code != 0 and "password too weak" in r.output  # even the bootstrap admin
+    assert run(["users", "add", "root", "--role", "admin", "--new-password-stdin"],
+               password=PW["root"]).exit_code == 0  # bootstrap: no users yet, no credentials
+    # afterwards a name is a claim, not an identity: --as root / CXR_USER=root without a credential is refused
+    r = run(["users", "add", "eve", "--role", "admin", "--new-password-stdin"], user="root",
+            password="eve-granite-orchid-52")
+    assert r.exit_code != 0 and "needs an authenticated user" in r.output
+    r = run(["users", "add", "eve", "--role", "admin", "--as", "root", "--password-stdin", "--new-password-stdin"],
+            input_text="not-roots-password-1\neve-granite-orchid-52\n")
+    assert r.exit_code != 0 and "authentication failed" in r.output
     for name, role, full in [("rita", "researcher", "Rita Researcher"), ("alice", "approver", "Alice Approver"),
                              ("carol", "compliance_officer", "Carol Compliance")]:
-        r = run(["users", "add", name, "--role", role, "--full-name", full, "--password-stdin"], user="root",
-                password=PW[name])
+        r = as_admin(["users", "add", name, "--role", role, "--full-name", full], PW[name])
         assert r.exit_code == 0, r.output
+    from compliance.users import get_user
+
+    assert get_user("eve") is None
+    # an approver cannot register a model under someone else's name: training needs that person's credentials
+    from app.cli import root as cxr_root
+
+    r = CliRunner().invoke(cxr_root, ["train", "--dataset", "any", "--as", "rita"], env={"CXR_TOKEN": None})
+    assert r.exit_code == 1 and "needs an authenticated user" in r.output, r.output
+    r = CliRunner().invoke(cxr_root, ["train", "--dataset", "any", "--as", "rita", "--password-stdin"],
+                           input=PW["alice"] + "\n", env={"CXR_TOKEN": None})
+    assert r.exit_code == 1 and "authentication failed" in r.output, r.output
+    r = CliRunner().invoke(cxr_root, ["train", "--dataset", "any", "--as", "alice", "--password-stdin"],
+                           input=PW["alice"] + "\n", env={"CXR_TOKEN": None})
+    assert r.exit_code == 1 and "permission denied" in r.output and "researcher" in r.output, r.output
 
     # --- researcher's versions are candidates ------------------------------------------------------------
     v_good = make_version(GOOD_EVALUATION, trained_by="rita")
@@ -201,18 +228,18 @@ def test_governance_story(cxr_env):
 
 def test_unknown_version_and_bad_input_fail_cleanly(cxr_env):
     ensure_mlflow_db()
-    assert run(["users", "add", "root", "--role", "admin", "--password-stdin"], user="root",
+    assert run(["users", "add", "root", "--role", "admin", "--new-password-stdin"],
                password=PW["root"]).exit_code == 0
     r = run(["model", "check", "42"], user="root")
     assert r.exit_code == 1 and "not found" in r.output and "Traceback" not in r.output
     r = run(["model", "approve", "champion", "--reason", "x" * 10, "--as", "root", "--password-stdin"], password="pw")
     assert r.exit_code == 1 and "not found" in r.output
-    r = run(["users", "add", "bad name!", "--role", "admin", "--password-stdin"], user="root", password="long-enough-1")
+    r = as_admin(["users", "add", "bad name!", "--role", "admin"], "long-enough-quartz-1")
     assert r.exit_code == 1 and "invalid user name" in r.output
-    r = run(["users", "add", "x1", "--role", "wizard", "--password-stdin"], user="root", password="long-enough-1")
+    r = as_admin(["users", "add", "x1", "--role", "wizard"], "long-enough-quartz-1")
     assert r.exit_code == 1 and "unknown role" in r.output
-    r = run(["audit", "export", "--from", "2026-13-01", "--to", "2026-12-01", "--format", "json", "--out", "r.json"],
-            user="root")
+    r = as_admin(["audit", "export", "--from", "2026-13-01", "--to", "2026-12-01", "--format", "json", "--out",
+                  "r.json"])
     assert r.exit_code == 1 and "invalid date" in r.output
 
 

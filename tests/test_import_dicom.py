@@ -300,3 +300,38 @@ def test_labels_sidecar_and_unknown_label(cxr_env: Path):
     assert map_finding("Streptococcus") == "other_pneumonia" and map_finding("todo") == "unlabeled"
     assert map_finding("Lipoid") == map_finding("SARS") == map_finding("ARDS") == "other_pneumonia"
     assert map_finding("", free_text=False) == "unlabeled" and map_finding("banana", free_text=False) is None
+
+
+def test_index_file_names_are_confined_to_the_source_folder(cxr_env: Path):
+    """An index row naming `../x.dcm`, an absolute path or a link out of the folder is rejected with a
+    reason in rejected.csv; the outside file (a valid DICOM) is never read into the dataset."""
+    from models.datasets import load_dataset
+    from pipelines.ingest import import_dataset
+
+    outside = cxr_env / "outside"
+    outside.mkdir()
+    secret = write_dicom(outside / "secret.dcm", seed=7, patient_id="OUTSIDE-1")
+    src = cxr_env / "confined"
+    src.mkdir()
+    write_dicom(src / "ok.dcm", seed=1, patient_id="IN-1")
+    (src / "sub").mkdir()
+    (src / "sub" / "link.dcm").symlink_to(secret)
+    rows = [vitals_row("ok.dcm", "IN-1", "normal"),
+            vitals_row("../outside/secret.dcm", "P-2", "covid19"),
+            vitals_row(str(secret), "P-3", "covid19"),
+            vitals_row("sub/../../outside/secret.dcm", "P-4", "covid19"),
+            vitals_row("sub/link.dcm", "P-5", "covid19")]
+    with open(src / "vitals.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=VITAL_HEADER)
+        w.writeheader()
+        w.writerows(rows)
+    s = import_dataset(src, "confined", seed=1, actor="tester", track=False, workers=1, quiet=True)
+    assert s.n_accepted == 1, s
+    ds = load_dataset("confined")
+    assert len(ds.manifest) == 1
+    rej = pd.read_csv(ds.root / "rejected.csv", dtype=str, keep_default_na=False)
+    outside_rows = rej[rej["code"] == "path-outside-source"]
+    assert len(outside_rows) == 4, rej[["code", "reason"]].to_string()
+    reasons = " ".join(outside_rows["reason"])
+    assert "absolute" in reasons and "'..'" in reasons and "outside the source folder" in reasons
+    assert "OUTSIDE-1" not in (ds.root / "rejected.csv").read_text()

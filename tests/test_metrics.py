@@ -26,6 +26,18 @@ def test_psi_matches_hand_computation():
     assert m.psi([1, 1], [3, 7]) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.fixture(autouse=True)
+def _no_site_filter():
+    """These are unit tests of the label rules: without the API's configured-sites filter (an app
+    built earlier in this process may have installed it)."""
+    from app import metrics
+
+    saved = metrics._site_filter
+    metrics.set_site_filter(None)
+    yield
+    metrics.set_site_filter(saved)
+
+
 def test_psi_identical_distributions_is_zero_and_symmetric_terms_positive():
     assert m.psi([0.1, 0.2, 0.3, 0.4], [10, 20, 30, 40]) == pytest.approx(0.0, abs=1e-15)
     assert m.psi([0.25] * 4, [40, 30, 20, 10]) > 0

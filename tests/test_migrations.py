@@ -133,14 +133,20 @@ def test_upgrade_keeps_every_row_and_the_chain_verifies(release_db):
     assert st.returncode == 0 and json.loads(st.stdout)["state"] == "current"
     # the keyed mode needs a first checkpoint on an upgraded installation (docs/SECURITY.md); then it verifies,
     # the release's plain entries included
-    cp = subprocess.run([*CXR, "audit", "checkpoint", "--as", "ada-admin"], capture_output=True, text=True, env=env,
-                        cwd=REPO, timeout=120)
+    admin = ["--as", "ada-admin", "--password-stdin"]
+    cp = subprocess.run([*CXR, "audit", "checkpoint", *admin], input="release-admin-password\n", capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=120)
     assert cp.returncode == 0, cp.stderr[-2000:]
     v = subprocess.run([*CXR, "audit", "verify", "--json"], capture_output=True, text=True, env=env, cwd=REPO,
                        timeout=120)
     assert v.returncode == 0, v.stdout[-2000:] + v.stderr[-2000:]
     body = json.loads(v.stdout[v.stdout.find("{"):])
     assert body["ok"] and body["n_entries"] >= len(before["audit_trail"])
+    # the release knew no sites: an admin gives its clinician theirs (predictions are site-scoped now)
+    sites = subprocess.run([*CXR, "users", "sites", "cleo", "--site", "site-a", *admin],
+                           input="release-admin-password\n", capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=120)
+    assert sites.returncode == 0, sites.stderr[-2000:]
     # and the upgraded database is used as before: the release's token still authenticates
     from fastapi.testclient import TestClient
 

@@ -275,7 +275,17 @@ def test_cli_json_same_seed_same_metrics(state):
     env = {**os.environ, "CXR_HOME": str(home2), "CXR_PROJECT_ROOT": str(state["project"]),
            "CXR_USER": "rita.researcher", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "app.cli", "train", "--dataset", "synthtest", *CLI_ARGS, "--json"],
+    env.pop("CXR_TOKEN", None)
+    # the trainer is authenticated: bootstrap an admin, who adds the researcher; training reads her password
+    admin_pw, rita_pw = "ops-granite-orchid-52", "rita-copper-lantern-27"
+    for args, stdin in ((["users", "add", "ops", "--role", "admin", "--new-password-stdin"], f"{admin_pw}\n"),
+                        (["users", "add", "rita.researcher", "--role", "researcher", "--as", "ops", "--password-stdin",
+                          "--new-password-stdin"], f"{admin_pw}\n{rita_pw}\n")):
+        setup = subprocess.run([sys.executable, "-m", "app.cli", *args], input=stdin, env=env, cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120)
+        assert setup.returncode == 0, setup.stderr
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "train", "--dataset", "synthtest", *CLI_ARGS, "--json",
+                           "--password-stdin"], input=f"{rita_pw}\n",
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]

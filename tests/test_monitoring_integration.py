@@ -91,7 +91,8 @@ def _build(base: Path) -> None:
     timings = {}
     t0 = time.perf_counter()
     for role, name in USERS.items():
-        create_user(name, role, PASSWORD, full_name=f"Test {role.replace('_', ' ').title()}", actor="bootstrap")
+        create_user(name, role, PASSWORD, full_name=f"Test {role.replace('_', ' ').title()}", actor="bootstrap",
+                    sites=SITES if role in ("clinician", "admin") else None)
     synthesize_cohort(TRAIN_PATIENTS, base / "synth-train", seed=11, image_size=IMAGE_ROWS)
     # the cohorts sent through the API: same generator, other seeds (new patients)
     synthesize_cohort(IN_DIST_PATIENTS, base / "cohort-in", seed=21, image_size=IMAGE_ROWS)

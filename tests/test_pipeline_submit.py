@@ -27,10 +27,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RESEARCHER_PW = "rita-copper-lantern-27"
+
+
+def _submit(args: list[str]):
+    """`cxr pipeline submit` as an authenticated researcher (the submitted run names her)."""
+    from compliance.users import create_user, get_user
+
+    if get_user("rita") is None:
+        create_user("rita", "researcher", RESEARCHER_PW, actor="test")
+    return CliRunner().invoke(root, ["pipeline", "submit", *args, "--as", "rita", "--password-stdin"],
+                              input=RESEARCHER_PW + "\n", env={"CXR_TOKEN": None})
+
+
 def test_unreachable_host_gives_a_clear_error_quickly(cxr_env) -> None:
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    res = CliRunner().invoke(root, ["pipeline", "submit", "--host", url, "--timeout", "2"])
+    res = _submit(["--host", url, "--timeout", "2"])
     assert res.exit_code == 1
     out = res.output
     assert "cannot reach Kubeflow Pipelines at" in out and url in out
@@ -39,7 +52,7 @@ def test_unreachable_host_gives_a_clear_error_quickly(cxr_env) -> None:
 
 
 def test_host_without_scheme_is_refused(cxr_env) -> None:
-    res = CliRunner().invoke(root, ["pipeline", "submit", "--host", "kubeflow.example"])
+    res = _submit(["--host", "kubeflow.example"])
     assert res.exit_code == 1 and "http(s) URL" in res.output
 
 
@@ -91,9 +104,15 @@ def fake_cluster():
 def test_submit_sends_the_compiled_pipeline_with_gpu_request(cxr_env, fake_cluster, monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client reads ~/.config/kfp/context.json
     url, received = fake_cluster
-    res = CliRunner().invoke(root, ["pipeline", "submit", "--host", url, "--experiment", "variant-retraining",
-                                    "--dataset", "cohort", "--external", "site-b", "--epochs", "3", "--as", "alice",
-                                    "--nodes", "2", "--gpus-per-node", "4"])
+    from compliance.users import create_user
+
+    create_user("alice", "researcher", "alice-quiet-meadow-35", actor="test")
+    args = ["pipeline", "submit", "--host", url, "--experiment", "variant-retraining", "--dataset", "cohort",
+            "--external", "site-b", "--epochs", "3", "--as", "alice", "--nodes", "2", "--gpus-per-node", "4"]
+    res = CliRunner().invoke(root, args, env={"CXR_TOKEN": None})  # a name alone: refused, nothing sent
+    assert res.exit_code == 1 and "needs an authenticated user" in res.output and not received
+    res = CliRunner().invoke(root, [*args, "--password-stdin"], input="alice-quiet-meadow-35\n",
+                             env={"CXR_TOKEN": None})
     assert res.exit_code == 0, res.output
     out, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{"):])
     assert out["run_id"] == "run-123" and out["image"] == "covid-cxr:latest"
@@ -119,7 +138,7 @@ def test_submit_can_point_every_task_at_another_image(cxr_env, fake_cluster, mon
     monkeypatch.setenv("HOME", str(tmp_path))
     url, received = fake_cluster
     image = "registry.example.org/covid-cxr:0.1.0-gpu"
-    res = CliRunner().invoke(root, ["pipeline", "submit", "--host", url, "--image", image])
+    res = _submit(["--host", url, "--image", image])
     assert res.exit_code == 0, res.output
     run = [b for m, p, b in received if m == "POST" and p.startswith("/apis/v2beta1/runs")][0]
     images = {e["container"]["image"] for e in run["pipeline_spec"]["deploymentSpec"]["executors"].values()}

@@ -32,13 +32,13 @@ def world(cxr_env):
     from compliance.users import authenticate_password, create_user
     from core.db import session_scope
 
-    create_user("root", "admin", "root-password-1")
-    create_user("rita", "researcher", "rita-password-1", full_name="Rita Researcher", actor="root")
-    create_user("alice", "approver", "alice-password-1", full_name="Alice Approver", actor="root")
-    create_user("carol", "compliance_officer", "carol-password-1", full_name="Carol Compliance", actor="root")
+    create_user("root", "admin", "root-velvet-harbor-19")
+    create_user("rita", "researcher", "rita-copper-lantern-27", full_name="Rita Researcher", actor="root")
+    create_user("alice", "approver", "alice-quiet-meadow-35", full_name="Alice Approver", actor="root")
+    create_user("carol", "compliance_officer", "carol-amber-thistle-48", full_name="Carol Compliance", actor="root")
     v1 = make_version(GOOD_EVALUATION, trained_by="rita", params={"epochs": 3, "encoder": "small"})
     v2 = make_version(failing_evaluation(), trained_by="rita")
-    approve_model_version(v1, approver="alice", password="alice-password-1", reason="meets release policy")
+    approve_model_version(v1, approver="alice", password="alice-quiet-meadow-35", reason="meets release policy")
     with pytest.raises(Exception):
         authenticate_password("alice", "wrong-password")  # an alert in the period
 
@@ -54,11 +54,14 @@ def world(cxr_env):
             "p_covid19": 0.6, "operating_threshold": 0.42, "decision": decision, "warnings": [], "vitals_present": {}})
         if truth is not None:
             with session_scope() as s:
-                s.add(storage.OutcomeRow(prediction_id=pid, truth_positive=not truth, recorded_by="dr-who",
-                                         recorded_at=storage.utc_now()))  # superseded below
+                first = storage.OutcomeRow(prediction_id=pid, truth_positive=not truth, recorded_by="dr-who",
+                                           recorded_at=storage.utc_now())  # superseded below
+                s.add(first)
+                s.flush()
+                first_id = first.id
             with session_scope() as s:
                 s.add(storage.OutcomeRow(prediction_id=pid, truth_positive=truth, recorded_by="dr-who",
-                                         recorded_at=storage.utc_now(), supersedes_id=None,
+                                         recorded_at=storage.utc_now(), supersedes_id=first_id,
                                          correction_reason="corrected"))
     return {"env": cxr_env, "v1": v1, "v2": v2}
 
@@ -133,9 +136,13 @@ def test_cli_export_roles_and_broken_chain_alert(world, tmp_path):
     register(app)
     runner = CliRunner()
     args = ["audit", "export", "--from", FROM, "--to", TO, "--format", "json", "--out", str(tmp_path / "c.json")]
-    r = runner.invoke(app, args, env={"CXR_USER": "rita"})
+    auth = ["--password-stdin"]
+    env = {"CXR_TOKEN": None}
+    r = runner.invoke(app, args, env={**env, "CXR_USER": "carol"})  # a name without a credential
+    assert r.exit_code == 1 and "needs an authenticated user" in r.output
+    r = runner.invoke(app, [*args, *auth], input="rita-copper-lantern-27\n", env={**env, "CXR_USER": "rita"})
     assert r.exit_code == 1 and "permission denied" in r.output
-    r = runner.invoke(app, args, env={"CXR_USER": "carol"})
+    r = runner.invoke(app, [*args, *auth], input="carol-amber-thistle-48\n", env={**env, "CXR_USER": "carol"})
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "c.json").read_text())["report"]["generated_by"] == "carol"
 
@@ -143,7 +150,7 @@ def test_cli_export_roles_and_broken_chain_alert(world, tmp_path):
     con.execute("UPDATE audit_trail SET actor='mallory' WHERE seq=2")
     con.commit()
     con.close()
-    r = runner.invoke(app, args, env={"CXR_USER": "carol"})
+    r = runner.invoke(app, [*args, *auth], input="carol-amber-thistle-48\n", env={**env, "CXR_USER": "carol"})
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["audit_chain"]["ok"] is False and report["audit_chain"]["first_bad_seq"] == 2

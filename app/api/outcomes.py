@@ -8,6 +8,11 @@
   counters only grow), so a correction is visible in the audit trail and the outcomes table.
 * The reason is stored with the outcome row; the audit entry carries only its SHA-256 (free text
   might hold PHI).
+* "Once" is a database constraint, not only this process's lock: a unique index admits one first
+  outcome per prediction and one correction per superseded row (``core.schema.OutcomeRow``). When
+  another replica commits first, the insert fails here and the request is answered as if it had
+  arrived second (200 for the same outcome, 409 for a different one).
+* A clinician records outcomes only for their sites' predictions (404 otherwise).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from fastapi.responses import JSONResponse
 
 from app import storage
 from app.api import problem_doc
+from app.api.predictions import load_visible
 from app.auth import Principal, require
 from app.problems import ApiProblem
 from app.schemas import OutcomeIn, OutcomeOut
@@ -45,40 +51,24 @@ def record_outcome(request: Request, prediction_id: uuid.UUID, body: OutcomeIn,
     from app import metrics
     from compliance.audit import record_event
 
-    pred = storage.get_prediction(str(prediction_id))
-    if pred is None:
-        raise ApiProblem(404, "prediction-not-found", f"no prediction with id {prediction_id}")
+    pred = load_visible(prediction_id, principal)
     truth = (body.confirmed_class == "covid19") if body.confirmed_class is not None else body.rtpcr_result == "positive"
-    with _outcome_lock:
-        existing = storage.current_outcome(pred["id"])
-        same = existing is not None and (existing["confirmed_class"], existing["rtpcr_result"]) == (
-            body.confirmed_class, body.rtpcr_result)
-        if existing is not None and same and body.correction is None:
-            return JSONResponse(OutcomeOut(**existing).model_dump(mode="json"), status_code=200)
-        if existing is None and body.correction is not None:
-            raise ApiProblem(409, "nothing-to-correct", "no outcome is recorded for this prediction yet: "
-                             "record it without 'correction'")
-        if existing is not None and body.correction is None:
-            raise ApiProblem(409, "outcome-already-recorded",
-                             f"an outcome was already recorded for this prediction at {existing['recorded_at']}; "
-                             "a different one needs a signed correction (field 'correction' with your "
-                             "password and a reason)", recorded_outcome=OutcomeOut(**existing).model_dump(mode="json"))
-        signer_name = meaning = reason = None
-        if body.correction is not None:
-            from compliance.users import AuthenticationError, authenticate_password
+    from sqlalchemy.exc import IntegrityError
 
-            try:
-                signer = authenticate_password(principal.name, body.correction.password, purpose="e-signature")
-            except AuthenticationError:
-                raise ApiProblem(403, "signature-failed", "e-signature failed: the password does not match the "
-                                 "calling user (or the account is locked)") from None
-            signer_name, meaning, reason = signer.full_name, "correction of a recorded outcome", body.correction.reason
-        row, row_hash = storage.save_outcome_sealed({
-            "prediction_id": pred["id"], "confirmed_class": body.confirmed_class, "rtpcr_result": body.rtpcr_result,
-            "truth_positive": bool(truth), "recorded_by": principal.name, "recorded_at": storage.utc_now(),
-            "supersedes_id": existing["id"] if existing else None, "correction_reason": reason,
-            "signed_by": signer_name, "signature_meaning": meaning,
-        })
+    try:
+        with _outcome_lock:
+            row, existing, reason, meaning, row_hash = _record(pred, body, principal, truth)
+    except IntegrityError:
+        # another process committed first (unique index): answer from what is stored now
+        existing = storage.current_outcome(pred["id"])
+        if existing is not None and body.correction is None and (existing["confirmed_class"], existing["rtpcr_result"]) \
+                == (body.confirmed_class, body.rtpcr_result):
+            return JSONResponse(OutcomeOut(**existing).model_dump(mode="json"), status_code=200)
+        raise ApiProblem(409, "outcome-conflict", "another outcome for this prediction was recorded at the same time; "
+                         "read it and, if it is wrong, send a signed correction",
+                         recorded_outcome=None if existing is None else OutcomeOut(**existing).model_dump(mode="json"))
+    if isinstance(row, JSONResponse):
+        return row
     details = {"prediction_id": pred["id"], "outcome_id": row["id"], "model_version": pred["model"]["version"],
                "site": pred["site"], "confirmed_class": body.confirmed_class, "rtpcr_result": body.rtpcr_result,
                "truth_positive": bool(truth), "decision": pred["decision"], "correction": body.correction is not None,
@@ -96,3 +86,37 @@ def record_outcome(request: Request, prediction_id: uuid.UUID, body: OutcomeIn,
         except Exception:
             pass
     return JSONResponse(OutcomeOut(**row).model_dump(mode="json"), status_code=201)
+
+
+def _record(pred: dict, body: OutcomeIn, principal: Principal, truth: bool):
+    """Check against the stored outcome and insert (the unique index decides a cross-process race)."""
+    existing = storage.current_outcome(pred["id"])
+    same = existing is not None and (existing["confirmed_class"], existing["rtpcr_result"]) == (
+        body.confirmed_class, body.rtpcr_result)
+    if existing is not None and same and body.correction is None:
+        return JSONResponse(OutcomeOut(**existing).model_dump(mode="json"), status_code=200), None, None, None, None
+    if existing is None and body.correction is not None:
+        raise ApiProblem(409, "nothing-to-correct", "no outcome is recorded for this prediction yet: "
+                         "record it without 'correction'")
+    if existing is not None and body.correction is None:
+        raise ApiProblem(409, "outcome-already-recorded",
+                         f"an outcome was already recorded for this prediction at {existing['recorded_at']}; "
+                         "a different one needs a signed correction (field 'correction' with your "
+                         "password and a reason)", recorded_outcome=OutcomeOut(**existing).model_dump(mode="json"))
+    signer_name = meaning = reason = None
+    if body.correction is not None:
+        from compliance.users import AuthenticationError, authenticate_password
+
+        try:
+            signer = authenticate_password(principal.name, body.correction.password, purpose="e-signature")
+        except AuthenticationError:
+            raise ApiProblem(403, "signature-failed", "e-signature failed: the password does not match the "
+                             "calling user (or the account is locked)") from None
+        signer_name, meaning, reason = signer.full_name, "correction of a recorded outcome", body.correction.reason
+    row, row_hash = storage.save_outcome_sealed({
+        "prediction_id": pred["id"], "confirmed_class": body.confirmed_class, "rtpcr_result": body.rtpcr_result,
+        "truth_positive": bool(truth), "recorded_by": principal.name, "recorded_at": storage.utc_now(),
+        "supersedes_id": existing["id"] if existing else None, "correction_reason": reason,
+        "signed_by": signer_name, "signature_meaning": meaning,
+    })
+    return row, existing, reason, meaning, row_hash

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app import storage
 from app.api import predictions_service, problem_doc, service
-from app.auth import Principal, require
+from app.auth import Principal, authorise_filing_site, require
 from app.fhir import FHIR_JSON, diagnostic_report
 from app.problems import ApiProblem
 from app.schemas import SITE_PATTERN, PredictionOut
@@ -51,22 +51,26 @@ def create_prediction(
     vitals: Annotated[str | None, Form(description="JSON object with any of temperature_c, spo2_percent, "
                                        "heart_rate_bpm, respiratory_rate, systolic_bp_mmhg, age_years, sex",
                                        max_length=10_000)] = None,
-    site: Annotated[str | None, Form(pattern=SITE_PATTERN, description="site code")] = None,
+    site: Annotated[str | None, Form(pattern=SITE_PATTERN, description="site code: one of the caller's sites "
+                                     "(may be omitted by a single-site user)")] = None,
     accession: Annotated[str | None, Form(max_length=64, description="accession number; stored only as a "
                                           "keyed hash")] = None,
     principal: Principal = Depends(require("prediction.create")),
 ):
     from app.services.predictions import parse_vitals_text
 
+    site = authorise_filing_site(principal, site)
     parsed = parse_vitals_text(vitals)
     served = predictions_service(request).predict(image.file, parsed, site=site, accession=accession,
                                                   actor=principal.name, role=principal.role)
     return _respond(request, served.record)
 
 
-def _load(prediction_id: uuid.UUID) -> dict[str, Any]:
+def load_visible(prediction_id: uuid.UUID | str, principal: Principal) -> dict[str, Any]:
+    """The prediction if the caller may see it (their site, or admin); 404 otherwise — the same
+    answer as for an id that does not exist, so other sites' predictions are not revealed."""
     pred = storage.get_prediction(str(prediction_id))
-    if pred is None:
+    if pred is None or not principal.may_see_site(pred.get("site")):
         raise ApiProblem(404, "prediction-not-found", f"no prediction with id {prediction_id}")
     return pred
 
@@ -74,7 +78,7 @@ def _load(prediction_id: uuid.UUID) -> dict[str, Any]:
 @router.get("/{prediction_id}", response_model=PredictionOut, responses={**_RESPONSES, **problem_doc(404, 422)})
 def get_prediction(request: Request, prediction_id: uuid.UUID,
                    principal: Principal = Depends(require("prediction.read"))):
-    pred = _load(prediction_id)
+    pred = load_visible(prediction_id, principal)
     pred["outcome"] = storage.current_outcome(pred["id"])
     return _respond(request, pred)
 
@@ -105,7 +109,7 @@ def _overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
                        **problem_doc(404, 410, 422)})
 def get_heatmap(request: Request, prediction_id: uuid.UUID,
                 principal: Principal = Depends(require("prediction.heatmap"))):
-    pred = _load(prediction_id)
+    pred = load_visible(prediction_id, principal)
     cached = predictions_service(request).input_cache.get(pred["id"])
     if cached is None:
         raise ApiProblem(410, "heatmap-inputs-gone",

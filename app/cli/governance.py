@@ -1,19 +1,25 @@
 """``cxr users``, ``cxr tokens``, ``cxr model``, ``cxr audit``: governance from the command line.
 
-Acting user: ``--as USER``, else ``CXR_USER``, else the OS user (``core.identity.acting_user``).
+Identity: every command whose audit entry names a responsible person authenticates that person
+(``app.cli.identity.authenticated_user``): a personal token in ``CXR_TOKEN``, or ``--as USER`` with
+``--password-stdin`` (first stdin line; a hidden prompt on a terminal). ``--as`` alone is a claim
+and is refused. ``CXR_DEV_SINGLE_USER=1`` is the explicit, audited development escape hatch.
 
 Who may do what on the CLI
 --------------------------
-* Bootstrap: while the user table is empty, the local operator (whoever can write CXR_HOME) may
-  create the FIRST user, and it must have the ``admin`` role. This is audited like any creation.
-* Afterwards ``users add/disable/unlock`` and ``tokens issue/revoke`` need the acting user to be an
-  active ``admin``. The CLI trusts the OS account for the acting user's identity (the database
-  sits in CXR_HOME, writable by that account anyway); every such action is attributed in the audit
-  trail, and denials are audited (``auth.permission_denied``).
+* Bootstrap: while the user table is empty, whoever can write CXR_HOME may create the FIRST user,
+  without credentials, and it must have the ``admin`` role (``cxr users add NAME --role admin
+  --new-password-stdin``). It is audited (``user.created`` with ``bootstrap: true``). Do it at
+  installation time: until then, anyone with access to CXR_HOME could.
+* Afterwards ``users add/disable/unlock/sites`` and ``tokens issue/revoke`` need an authenticated
+  active ``admin``; ``users passwd NAME`` needs NAME themself (with their current password) or an
+  admin. New passwords: ``--new-password-stdin`` reads the next stdin line (after the acting user's
+  password when ``--password-stdin`` is given too), else a hidden prompt with confirmation.
 * Signing (``model approve/reject/rollback/retire``) always re-authenticates the signer with their
-  password (§11.200): ``--password-stdin`` reads one line from stdin, otherwise a hidden prompt.
-* ``audit export`` needs ``compliance_officer`` or ``admin``; ``audit verify``, ``model
-  check/list/show/card`` are read-only and open to any operator.
+  password (§11.200): ``--password-stdin`` reads one line from stdin, otherwise a hidden prompt. The
+  signer is ``--as`` (or ``CXR_USER``, or the owner of ``CXR_TOKEN``); a token alone never signs.
+* ``audit export`` needs an authenticated ``compliance_officer`` or ``admin``; ``audit verify``,
+  ``model check/list/show/card``, ``users list``, ``tokens list`` are read-only.
 
 Every refusal prints one clear message on stderr and exits non-zero (1); never a traceback.
 """
@@ -52,8 +58,13 @@ tokens_app = typer.Typer(help="API bearer tokens (admin).", no_args_is_help=True
 model_app = typer.Typer(help="Model governance: release policy, signed approvals, roll-back.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit trail: verify the hash chain, export compliance reports.", no_args_is_help=True)
 
-AsUser = Annotated[Optional[str], typer.Option("--as", help="acting user (default: CXR_USER, else the OS user)")]
-PasswordStdin = Annotated[bool, typer.Option("--password-stdin", help="read the password from the first line of stdin")]
+AsUser = Annotated[Optional[str], typer.Option("--as", help="acting user (default CXR_USER); authenticated with "
+                                                           "--password-stdin, or use CXR_TOKEN instead")]
+PasswordStdin = Annotated[bool, typer.Option("--password-stdin",
+                                             help="read the acting user's password from the first line of stdin")]
+NewPasswordStdin = Annotated[bool, typer.Option("--new-password-stdin",
+                                                help="read the new password from the next line of stdin")]
+Sites = Annotated[Optional[list[str]], typer.Option("--site", help="a site the user works for (repeatable)")]
 JsonOut = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
@@ -97,15 +108,52 @@ def _read_password(from_stdin: bool, prompt: str = "Password", confirm: bool = F
 
 
 def _actor(explicit: str | None) -> str:
+    """A *claimed* acting user, for read-only commands (never for a governed action)."""
     from core.identity import acting_user
 
     return acting_user(explicit)
 
 
-def _require_admin(actor: str, action: str, subject: str = "") -> None:
+def _authenticated(as_user: str | None, password_stdin: bool, what: str):
+    from app.cli.identity import authenticated_user
+
+    return authenticated_user(as_user, password_stdin, what=what)
+
+
+def _admin(as_user: str | None, password_stdin: bool, action: str, subject: str = "") -> str:
+    """Authenticate the acting user and require the admin role; returns the user name."""
     from compliance.users import require_role
 
-    require_role(actor, ("admin",), action=action, subject=subject)
+    user = _authenticated(as_user, password_stdin, action)
+    require_role(user.name, ("admin",), action=action, subject=subject)
+    return user.name
+
+
+def _signer(as_user: str | None) -> str:
+    """Who signs: --as, else CXR_USER, else the owner of CXR_TOKEN (the password is asked regardless)."""
+    import os
+
+    from app.cli.identity import claimed_name
+
+    name = claimed_name(as_user)
+    if not name and os.environ.get("CXR_TOKEN"):
+        from compliance.users import authenticate_token
+
+        name = authenticate_token(os.environ["CXR_TOKEN"], purpose="e-signature").name
+    if not name:
+        _fail("who signs? give --as USER (or CXR_USER, or CXR_TOKEN) and the password (--password-stdin)")
+    return name
+
+
+def _new_password(from_stdin: bool, name: str) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            _fail("--new-password-stdin given but stdin has no (further) line")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        _fail("no terminal to prompt for the new password: use --new-password-stdin")
+    return typer.prompt(f"New password for {name}", hide_input=True, confirmation_prompt=True)
 
 
 def _print_json(value: Any) -> None:
@@ -117,58 +165,92 @@ def _print_json(value: Any) -> None:
 @guarded
 def users_add(name: str, role: Annotated[str, typer.Option("--role", help="clinician|researcher|approver|compliance_officer|admin")],
               full_name: Annotated[Optional[str], typer.Option("--full-name", help="printed name on e-signatures")] = None,
+              site: Sites = None, new_password_stdin: NewPasswordStdin = False,
               password_stdin: PasswordStdin = False, as_user: AsUser = None) -> None:
-    """Create a user. The first user of an installation must be an admin (bootstrap)."""
+    """Create a user (admin). The first user of an installation must be an admin (bootstrap, no credentials)."""
     from compliance.users import ROLES, count_users, create_user
 
-    actor = _actor(as_user)
     if role not in ROLES:
         _fail(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
     if count_users() == 0:
         if role != "admin":
             _fail("no users exist yet: the first user must have role admin (bootstrap rule)")
+        # bootstrap: no acting user exists; either flag reads the new admin's password
+        password = _new_password(new_password_stdin or password_stdin, name)
+        user = create_user(name, role, password, full_name=full_name, actor=name, sites=site)
+        out.print(f"created the first user [bold]{user.name}[/] (admin, bootstrap)", highlight=False)
+        return
+    actor = _admin(as_user, password_stdin, "user.create", f"user/{name}")
+    password = _new_password(new_password_stdin, name)
+    user = create_user(name, role, password, full_name=full_name, actor=actor, sites=site)
+    out.print(f"created user [bold]{user.name}[/] ({user.role}, printed name {user.full_name!r}"
+              + (f", sites {', '.join(site)}" if site else "") + ")", highlight=False)
+
+
+@users_app.command("sites")
+@guarded
+def users_sites(name: str, site: Sites = None, password_stdin: PasswordStdin = False, as_user: AsUser = None) -> None:
+    """Set the sites a user works for (admin): replaces the list; no --site clears it."""
+    from compliance.users import set_sites
+
+    actor = _admin(as_user, password_stdin, "user.sites", f"user/{name}")
+    now = set_sites(name, site or [], actor=actor)
+    out.print(f"sites of {name}: {', '.join(now) or '(none)'}", highlight=False)
+
+
+@users_app.command("passwd")
+@guarded
+def users_passwd(name: str, new_password_stdin: NewPasswordStdin = False, password_stdin: PasswordStdin = False,
+                 as_user: AsUser = None) -> None:
+    """Change a password: the user themself (authenticated with the current password) or an admin."""
+    import os
+
+    from compliance.users import require_role, set_password
+
+    user = _authenticated(as_user, password_stdin, "user.passwd")
+    if user.name == name:
+        if os.environ.get("CXR_TOKEN") and not password_stdin:
+            _fail("changing your own password needs your current password (--as NAME --password-stdin), not a token")
     else:
-        _require_admin(actor, "user.create", f"user/{name}")
-    password = _read_password(password_stdin, f"Password for {name}", confirm=True)
-    user = create_user(name, role, password, full_name=full_name, actor=actor)
-    out.print(f"created user [bold]{user.name}[/] ({user.role}, printed name {user.full_name!r})", highlight=False)
+        require_role(user.name, ("admin",), action="user.passwd", subject=f"user/{name}")
+    set_password(name, _new_password(new_password_stdin, name), actor=user.name)
+    out.print(f"password of {name} changed", highlight=False)
 
 
 @users_app.command("list")
 @guarded
 def users_list(json_out: JsonOut = False) -> None:
     """List users (never shows credentials)."""
-    from compliance.users import list_users
+    from compliance.users import list_users, sites_of
 
-    rows = [u.as_dict() for u in list_users()]
+    rows = [u.as_dict() | {"sites": sites_of(u.name)} for u in list_users()]
     if json_out:
         return _print_json(rows)
-    t = Table("name", "full name", "role", "active", "locked", "created", "created by")
+    t = Table("name", "full name", "role", "sites", "active", "locked", "created", "created by")
     for r in rows:
-        t.add_row(r["name"], r["full_name"], r["role"], str(r["active"]), str(r["locked"]), r["created_at"], r["created_by"])
+        t.add_row(r["name"], r["full_name"], r["role"], ",".join(r["sites"]) or "-", str(r["active"]), str(r["locked"]),
+                  r["created_at"], r["created_by"])
     out.print(t)
 
 
 @users_app.command("disable")
 @guarded
-def users_disable(name: str, as_user: AsUser = None) -> None:
+def users_disable(name: str, as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
     """Disable a user (and revoke their tokens). Users are never deleted."""
     from compliance.users import disable_user
 
-    actor = _actor(as_user)
-    _require_admin(actor, "user.disable", f"user/{name}")
+    actor = _admin(as_user, password_stdin, "user.disable", f"user/{name}")
     disable_user(name, actor=actor)
     out.print(f"disabled user {name}")
 
 
 @users_app.command("unlock")
 @guarded
-def users_unlock(name: str, as_user: AsUser = None) -> None:
-    """Unlock an account locked after repeated failed logins."""
+def users_unlock(name: str, as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
+    """Unlock an account locked after repeated failed password logins."""
     from compliance.users import unlock_user
 
-    actor = _actor(as_user)
-    _require_admin(actor, "user.unlock", f"user/{name}")
+    actor = _admin(as_user, password_stdin, "user.unlock", f"user/{name}")
     unlock_user(name, actor=actor)
     out.print(f"unlocked user {name}")
 
@@ -178,24 +260,22 @@ def users_unlock(name: str, as_user: AsUser = None) -> None:
 @guarded
 def tokens_issue(user: Annotated[str, typer.Option("--user", help="the token's owner")],
                  days: Annotated[int, typer.Option("--days", help="validity in days (0: no expiry)")] = 365,
-                 as_user: AsUser = None) -> None:
+                 as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
     """Issue a bearer token; prints the token alone on stdout (shown once, stored hashed)."""
     from compliance.users import issue_token
 
-    actor = _actor(as_user)
-    _require_admin(actor, "token.issue", f"user/{user}")
+    actor = _admin(as_user, password_stdin, "token.issue", f"user/{user}")
     typer.echo(issue_token(user, actor=actor, expires_days=days or None))
 
 
 @tokens_app.command("revoke")
 @guarded
 def tokens_revoke(token: Annotated[str, typer.Argument(help="the token, or its 12-character id")],
-                  as_user: AsUser = None) -> None:
+                  as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
     """Revoke a token."""
     from compliance.users import revoke_token
 
-    actor = _actor(as_user)
-    _require_admin(actor, "token.revoke")
+    actor = _admin(as_user, password_stdin, "token.revoke")
     out.print(f"revoked token {revoke_token(token, actor=actor)}")
 
 
@@ -253,7 +333,7 @@ def model_approve(version: str, reason: Annotated[str, typer.Option("--reason", 
     """Sign the approval of a candidate (approver; password asked again) and make it the champion."""
     from compliance.approvals import approve_model_version
 
-    signer = _actor(as_user)
+    signer = _signer(as_user)
     password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
     res = approve_model_version(version, approver=signer, password=password, reason=reason,
                                 override_policy_reason=override_policy)
@@ -270,7 +350,7 @@ def model_reject(version: str, reason: Annotated[str, typer.Option("--reason")],
     """Sign the rejection of a candidate version."""
     from compliance.approvals import reject_model_version
 
-    signer = _actor(as_user)
+    signer = _signer(as_user)
     password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
     res = reject_model_version(version, approver=signer, password=password, reason=reason)
     out.print(f"version {res['version']} rejected — signed by {res['signature']['signer_full_name']}", highlight=False)
@@ -283,7 +363,7 @@ def model_rollback(reason: Annotated[str, typer.Option("--reason")], as_user: As
     """Signed roll-back: champion back to the previously approved version (current one retired)."""
     from compliance.approvals import rollback_champion
 
-    signer = _actor(as_user)
+    signer = _signer(as_user)
     password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
     res = rollback_champion(approver=signer, password=password, reason=reason)
     out.print(f"champion rolled back {res['from_version']} → {res['to_version']} — signed by "
@@ -297,7 +377,7 @@ def model_retire(version: str, reason: Annotated[str, typer.Option("--reason")] 
     """Sign the retirement of a version that is not the champion."""
     from compliance.approvals import retire_model_version
 
-    signer = _actor(as_user)
+    signer = _signer(as_user)
     password = _read_password(password_stdin, f"Password for {signer} (e-signature)")
     res = retire_model_version(version, approver=signer, password=password, reason=reason)
     out.print(f"version {res['version']} retired — signed by {res['signature']['signer_full_name']}", highlight=False)
@@ -396,7 +476,7 @@ def audit_verify(json_out: JsonOut = False) -> None:
 
 @audit_app.command("checkpoint")
 @guarded
-def audit_checkpoint(as_user: AsUser = None) -> None:
+def audit_checkpoint(as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
     """Append a checkpoint of the current head (seq, hash) to the checkpoint file outside the database
     (compliance_officer or admin). Governance actions and the API write them on their own; use this
     after an upgrade, once `cxr audit verify` found the trail intact."""
@@ -404,7 +484,7 @@ def audit_checkpoint(as_user: AsUser = None) -> None:
     from compliance.audit_anchor import checkpoint_path
     from compliance.users import require_role
 
-    actor = _actor(as_user)
+    actor = _authenticated(as_user, password_stdin, "audit.checkpoint").name
     require_role(actor, ("compliance_officer", "admin"), action="audit.checkpoint")
     cp = checkpoint(f"manual:{actor}")
     if cp is None:
@@ -415,14 +495,14 @@ def audit_checkpoint(as_user: AsUser = None) -> None:
 
 @audit_app.command("rotate-key")
 @guarded
-def audit_rotate_key(as_user: AsUser = None) -> None:
+def audit_rotate_key(as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
     """Create a new audit HMAC key (admin); new entries use it, older entries keep verifying with the old
     key (each entry names its key id). Escrow the key folder: a lost key makes its entries unverifiable."""
     from compliance.audit import record_event
     from compliance.audit_anchor import AuditKeyError, rotate_key
     from compliance.users import require_role
 
-    actor = _actor(as_user)
+    actor = _authenticated(as_user, password_stdin, "audit.rotate_key").name
     user = require_role(actor, ("admin",), action="audit.rotate_key")
     try:
         kid = rotate_key()
@@ -455,7 +535,7 @@ def audit_export(from_: Annotated[str, typer.Option("--from", help="first day (Y
                  to: Annotated[str, typer.Option("--to", help="last day, inclusive (YYYY-MM-DD)")],
                  fmt: Annotated[str, typer.Option("--format", help="pdf|csv|json")],
                  out_path: Annotated[Path, typer.Option("--out", help="output file")],
-                 as_user: AsUser = None) -> None:
+                 as_user: AsUser = None, password_stdin: PasswordStdin = False) -> None:
     """Compliance report for a period (compliance_officer or admin); the export is itself audited."""
     from compliance.reports import export_report
     from compliance.users import require_role
@@ -465,7 +545,7 @@ def audit_export(from_: Annotated[str, typer.Option("--from", help="first day (Y
     start, end = _parse_day(from_, end=False), _parse_day(to, end=True)
     if start >= end:
         _fail("--from must be before --to")
-    actor = _actor(as_user)
+    actor = _authenticated(as_user, password_stdin, "report.export").name
     require_role(actor, ("compliance_officer", "admin"), action="report.export")
     path = export_report(start, end, fmt, out_path, actor=actor)
     out.print(f"report written: {path}", highlight=False)

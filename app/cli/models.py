@@ -17,6 +17,19 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def researcher_identity(as_user: str | None, password_stdin: bool, what: str) -> str:
+    """The authenticated researcher (or admin) who trains/registers; exits 1 with a message otherwise."""
+    from app.cli.identity import authenticated_user
+    from compliance.users import GovernanceError, require_role
+
+    try:
+        user = authenticated_user(as_user, password_stdin, what=what)
+        require_role(user.name, ("researcher", "admin"), action=f"model.{what}")
+    except GovernanceError as exc:
+        _fail(str(exc), 1)
+    return user.name
+
+
 def train_cmd(
     dataset: str = typer.Option(..., "--dataset", help="imported dataset name (data/NAME)"),
     epochs: int = typer.Option(10, "--epochs", min=1),
@@ -35,14 +48,18 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from this configuration's last checkpoint"),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic/--fast",
                                                  help="deterministic algorithms (default: on for CPU, off for GPU)"),
-    as_user: Optional[str] = typer.Option(None, "--as", help="acting user (default CXR_USER, then OS user)"),
+    as_user: Optional[str] = typer.Option(None, "--as", help="acting user (default CXR_USER); authenticated by "
+                                          "--password-stdin, or use CXR_TOKEN"),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="read the acting user's password from stdin"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object at the end (stdout)"),
     nproc: int = typer.Option(1, "--nproc", min=1,
                               help="data-parallel processes on this machine (DDP: NCCL, one per GPU; gloo on CPU)"),
 ) -> None:
-    """Train FusionNet on a dataset, evaluate it on the test split, register a candidate version."""
+    """Train FusionNet on a dataset, evaluate it on the test split, register a candidate version
+    (researcher or admin, authenticated: the version's trained_by/registered_by name them)."""
     if encoder not in ("densenet121", "small"):
         _fail(f"unknown encoder {encoder!r}: expected densenet121 or small")
+    as_user = researcher_identity(as_user, password_stdin, "train")
     from models.network import normalise_modalities
 
     try:

@@ -68,15 +68,17 @@ def run_cmd(
     n_bootstrap: int = typer.Option(500, "--bootstrap", help="Bootstrap resamples for the comparison CIs."),
     min_train: int = typer.Option(10, "--min-train", help="Validation: minimum labelled train images."),
     min_test: int = typer.Option(4, "--min-test", help="Validation: minimum labelled test images."),
-    as_user: Optional[str] = typer.Option(None, "--as", help="Acting user (else CXR_USER, else OS user)."),
+    as_user: Optional[str] = typer.Option(None, "--as", help="Acting user (else CXR_USER); authenticated by "
+                                          "--password-stdin, or use CXR_TOKEN."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the acting user's password from stdin."),
     as_json: bool = typer.Option(False, "--json", help="Print the final pipeline state as JSON."),
 ) -> None:
     """Run the training pipeline: validate → train → evaluate → compare → register challenger → policy."""
     if not local:
         _die("only --local runs here; to run on a Kubeflow cluster use `cxr pipeline submit --host URL`", 2)
-    from core.identity import acting_user
+    from app.cli.models import researcher_identity
 
-    actor = acting_user(as_user)
+    actor = researcher_identity(as_user, password_stdin, "pipeline.run")
     try:
         import contextlib
         import sys
@@ -178,6 +180,7 @@ def submit_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     seed: int = typer.Option(42, "--seed"),
     as_user: Optional[str] = typer.Option(None, "--as"),
+    password_stdin: bool = typer.Option(False, "--password-stdin"),
     timeout: float = typer.Option(5.0, "--timeout", help="Seconds to wait for the endpoint."),
     image: Optional[str] = typer.Option(None, "--image", help="Container image for every task (default "
                                         "covid-cxr:latest), e.g. your registry's GPU build of the Dockerfile."),
@@ -185,11 +188,13 @@ def submit_cmd(
     gpus_per_node: int = typer.Option(1, "--gpus-per-node", min=0, help="GPUs per TrainJob node (0: CPU, gloo)"),
 ) -> None:
     """Submit the compiled pipeline to a Kubeflow cluster (image covid-cxr:latest, GPU for training)."""
-    from core.identity import acting_user
+    from app.cli.models import researcher_identity
 
+    # authenticated here, before the run leaves this machine: the cluster records this name
+    actor = researcher_identity(as_user, password_stdin, "pipeline.submit")
     args = {"dataset_name": dataset, "external_datasets": json.dumps(list(external)), "epochs": epochs,
             "image_size": image_size, "encoder": encoder, "batch_size": batch_size, "seed": seed,
-            "actor": acting_user(as_user), "train_nodes": nodes, "gpus_per_node": gpus_per_node}
+            "actor": actor, "train_nodes": nodes, "gpus_per_node": gpus_per_node}
     if image:
         args["train_image"] = image  # the TrainJob's pods run the same image
     try:
@@ -224,12 +229,16 @@ def reproduce_cmd(
     run_id: str = typer.Argument(..., help="MLflow run id of a training run (or of a pipeline run)."),
     tolerance: float = typer.Option(0.02, "--tolerance", help="Largest accepted |difference| per metric."),
     as_user: Optional[str] = typer.Option(None, "--as"),
+    password_stdin: bool = typer.Option(False, "--password-stdin"),
     keep_data: bool = typer.Option(False, "--keep-data", help="Keep an older dataset version checked out."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-run training from a run's lineage (dataset version, commit, parameters, seed); compare metrics."""
+    from app.cli.models import researcher_identity
+
+    actor = researcher_identity(as_user, password_stdin, "reproduce")
     try:
-        out = reproduce_run(run_id, tolerance=tolerance, actor=as_user, keep_data=keep_data)
+        out = reproduce_run(run_id, tolerance=tolerance, actor=actor, keep_data=keep_data)
     except ReproduceError as exc:
         _die(str(exc))
         return

@@ -13,7 +13,6 @@ entry and the metrics hold codes and versions; the log holds exception types onl
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
@@ -110,19 +109,10 @@ def decode_upload(data: bytes, max_pixels: int, target_size: int | None = None):
                          title="Image refused", refusal_code="undecodable") from None
 
 
-_SUPINE_TAGS = ("PatientPosition", "SeriesDescription", "ProtocolName", "StudyDescription",
-                "AcquisitionDeviceProcessingDescription", "ViewName")
-
-
-def is_supine(data: bytes) -> bool:
-    """True when the header says the patient was supine (only this flag is kept, never the text)."""
-    try:
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True, specific_tags=list(_SUPINE_TAGS))
-        return any("SUPINE" in str(ds.get(t, "") or "").upper() for t in _SUPINE_TAGS)
-    except Exception:
-        return False
+def is_supine(decoded) -> bool:
+    """True when the header said the patient was supine: the flag ``decode_dicom`` derived from the
+    one (bounded) parse of the file — the file is never read, nor inflated, a second time."""
+    return bool((getattr(decoded, "dicom_meta", None) or {}).get("supine"))
 
 
 def input_warnings(decoded, image: np.ndarray, vitals: dict, result: dict, model,
@@ -223,7 +213,7 @@ class PredictionService:
             data = image if isinstance(image, (bytes, bytearray)) else image.read(settings.max_upload_bytes + 1)
             decoded = decode_upload(bytes(data), settings.max_image_pixels,
                                     settings.cache_image_size if settings.reduced_decode else None)
-            supine = is_supine(data)
+            supine = is_supine(decoded)
             del data
             # the decoded object, not its pixels: a reduced level carries its sub-pixel grid offset
             prepared = prepare_image(decoded, settings.cache_image_size)
