@@ -566,7 +566,9 @@ def prepare_image(decoded_pixels: np.ndarray, size: int = 256) -> np.ndarray:
 
     Plain resize to a square (no padding; chest radiographs are near-square and a plain resize
     keeps heatmaps mappable back onto the original), Pillow bilinear with antialiasing on
-    downscaling — deterministic, ~1 ms for 512² → 256².
+    downscaling — deterministic, ~1 ms for 512² → 256². Last step: ``models.intensity.robust_window``
+    (0.5–99.5 percentile window), the same for DICOM, 8-bit and 16-bit PNG, so the file format leaves
+    no fingerprint in the array.
     """
     from PIL import Image
 
@@ -582,7 +584,10 @@ def prepare_image(decoded_pixels: np.ndarray, size: int = 256) -> np.ndarray:
     else:
         img = Image.fromarray(np.ascontiguousarray(arr))  # mode "F" (float32)
         out = np.asarray(img.resize((size, size), resample=Image.Resampling.BILINEAR), dtype=np.float32)
-    return np.clip(out, 0.0, 1.0)[None, :, :].astype(np.float32)
+    # the one intensity normalisation for every format (models/intensity.py; docs/INTERFACES.md)
+    from models.intensity import robust_window
+
+    return robust_window(np.clip(out, 0.0, 1.0))[None, :, :].astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
