@@ -74,7 +74,7 @@ def load_policy(path: Path | str | None = None) -> tuple[dict[str, Any], str]:
         if not isinstance(c, dict) or "id" not in c or c.get("kind") not in ("metric", "external", "tags"):
             raise PolicyError(f"release policy {path}: malformed criterion {c!r}")
         if c["kind"] != "tags" and (c.get("op") not in _OPS or not isinstance(c.get("threshold"), (int, float))):
-            raise PolicyError(f"release policy {path}: criterion {c['id']} needs op (>=, <=) and a numeric threshold")
+            raise PolicyError(f"release policy {path}: criterion {c['id']} needs op (>=, <=, >, <) and a numeric threshold")
     return policy, hashlib.sha256(raw).hexdigest()
 
 

@@ -291,9 +291,13 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
           n_bootstrap: int = 1000, deterministic: bool | None = None, num_workers: int | None = None,
           external: Sequence[str] = (), show_progress: bool = True, augment: str = "auto",
           on_epoch_end: Callable[[int, dict], None] | None = None,
-          on_event: EventSink | None = None) -> dict:
+          on_event: EventSink | None = None, shortcut_battery: bool = True) -> dict:
     """Train, evaluate, log and register; returns ``{"model_version", "run_id", "dataset_version",
-    "dataset", "evaluation", "history", "checkpoint"}``. Raises ``TrainingError`` for bad input."""
+    "dataset", "evaluation", "history", "checkpoint"}``. Raises ``TrainingError`` for bad input.
+
+    ``shortcut_battery`` (default on): after the model, the shortcut battery (``models.shortcut``:
+    image-only / vitals-only / missingness-only ablations on the same split and seeds, masked-lung tests,
+    site probe) and the deployment-prevalence section (``models.prevalence``) go into evaluation.json."""
     import mlflow
     import torch
     from rich.console import Console
@@ -494,6 +498,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                         disable=not show_progress or not console.is_terminal)
+    t_fit = time.perf_counter()
     with progress:
         for epoch in range(start_epoch, epochs + 1):
             if state["bad_epochs"] >= patience:
@@ -552,6 +557,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                               f"{metrics['train_images_per_second']:.1f} img/s{'  (best)' if improved else ''}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
+    fit_seconds = time.perf_counter() - t_fit
     if state["best_state"] is None:
         raise TrainingError("no epoch completed")
     net.load_state_dict(state["best_state"])
@@ -653,6 +659,30 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                        "external": external_results})
     eval_dir = work / "evaluation"
     eval_dir.mkdir(parents=True, exist_ok=True)
+    # ---- deployment prevalence + shortcut battery (issue 14; models/prevalence.py, models/shortcut.py)
+    from models.prevalence import plot_decision_curve, prevalence_report
+
+    p_test = softmax(te_logits, temperature)[:, 0]
+    evaluation["prevalence"] = prevalence_report(te_y == 0, p_test, sel["threshold"],
+                                                 te_frame["patient_id"].astype(str).tolist(),
+                                                 n_bootstrap=n_bootstrap, seed=seed)
+    if _unused.get("shortcut_battery", True):
+        from models.shortcut import battery_at_training
+
+        evaluation["shortcut"] = battery_at_training(
+            clinical=clinical, splits=splits, ds=ds, te_frame=te_frame, te_imgs=te_imgs, p_test=p_test,
+            vitals_encoder=vitals_encoder, modalities=modalities, train_loader=train_loader, val_loader=val_loader,
+            train_tf=train_tf, epochs=epochs, patience=patience, seed=seed, device=device, lr=_unused["lr"],
+            weight_decay=_unused["weight_decay"], class_weights=class_weights, use_amp=use_amp, augment=augment,
+            encoder=encoder, image_size=image_size, fusion_seconds=fit_seconds, n_bootstrap=n_bootstrap,
+            out_dir=eval_dir / "shortcut_models", console=console)
+        evaluation["warnings"] = list(dict.fromkeys([*evaluation["warnings"], *evaluation["shortcut"]["warnings"]]))
+        mlflow.log_metrics({k: v for k, v in {
+            "shortcut_battery_seconds": evaluation["shortcut"]["cost"]["battery_seconds"],
+            "fusion_fit_seconds": fit_seconds,
+            "masked_lungs_auroc": (evaluation["shortcut"].get("masked_lungs") or {}).get("auroc", {}).get("value"),
+        }.items() if v is not None})
+    plot_decision_curve(evaluation["prevalence"]["decision_curve"], eval_dir)
     (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2, default=_json_default))
     write_plots(evaluation, eval_dir, curves)
     import pandas as pd
