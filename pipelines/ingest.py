@@ -90,6 +90,7 @@ class ImportSummary:
     by_view: dict = field(default_factory=dict)
     by_code: dict = field(default_factory=dict)
     n_patients: int = 0
+    confounding: dict = field(default_factory=dict)  # site/source ↔ label (models.confounding)
     dvc_md5: str | None = None
     root: Path | None = None
     seconds: float = 0.0
@@ -748,7 +749,19 @@ def _summary(name, info, batch, manifest_rows, rejected_rows, root, seconds, wor
         by_view=_counts(r["view"] or "unknown" for r in manifest_rows),
         by_code=_counts(r["code"] for r in rejected_rows),
         n_patients=len({r["patient_id"] for r in manifest_rows}),
+        confounding=_confounding(manifest_rows),
         root=root, seconds=seconds, workers=workers)
+
+
+def _confounding(manifest_rows: list[dict]) -> dict:
+    """Cramér's V of site and source against the label, with counts and a warning when strong."""
+    import pandas as pd
+
+    from models.confounding import confounding_summary
+
+    if not manifest_rows:
+        return {}
+    return confounding_summary(pd.DataFrame(manifest_rows, columns=["label", "site", "source"]))
 
 
 def default_workers() -> int:
@@ -878,6 +891,14 @@ def print_summary(summary: ImportSummary, console=None) -> None:
     if len(sites) > 10:
         table.add_row("site", f"({len(sites) - 10} more sites)", str(sum(v for _, v in sites[10:])))
     console.print(table)
+    for attr in ("site", "source"):
+        c = (summary.confounding or {}).get(attr)
+        if c and c.get("cramers_v") is not None:
+            console.print(f"{attr} ↔ label: Cramér's V {c['cramers_v']:.2f} ({c['strength']}; n={c['n']}, "
+                          f"{c['n_values']} {attr} values, {c['n_single_label_values']} hold a single label "
+                          f"= {c['n_images_in_single_label_values']} images)")
+    for w in (summary.confounding or {}).get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
     rate = f"{summary.files_per_s:.1f} records/s, {summary.workers} worker(s)"
     console.print(f"took {summary.seconds:.1f} s ({rate})")
     if summary.dvc_md5:
