@@ -17,6 +17,8 @@ sample. The variance is therefore floored at the Hanley–McNeil (1982) variance
 AUROC pulled in by half a mis-ranked case of the smaller class: ``A* = clip(A, 1/(2 m), 1 - 1/(2 m))``,
 ``m = min(n_positive, n_negative)``. For a difference, the floor is the larger of the two AUROCs'
 floors when both are at the boundary (two perfect models: the difference is 0 ± that floor), else 0.
+The same floor applies whenever the DeLong variance is degenerate (≤ 1e-12), e.g. every score tied
+(AUROC exactly 0.5 with a zero-width interval would otherwise pass any "near chance" criterion).
 ``floored`` says whether it applied. The interval is None when a class is absent.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 import numpy as np
 
 Z95 = 1.959963984540054
+DEGENERATE_VAR = 1e-12
 
 
 def _z(level: float) -> float:
@@ -109,7 +112,7 @@ def auroc_ci(y, score, clusters=None, level: float = 0.95) -> dict:
         return _undefined(y, k, "a single patient: no variance estimate")
     a = comps[0][0]
     var = _covariance(k, m_k, n_k, comps[0], comps[0])
-    floor = variance_floor(a, n_pos, n_neg) if a <= 0 or a >= 1 else 0.0
+    floor = variance_floor(a, n_pos, n_neg) if (a <= 0 or a >= 1 or var <= DEGENERATE_VAR) else 0.0
     floored = var < floor
     se = math.sqrt(max(var, floor, 0.0))
     z = _z(level)
@@ -130,7 +133,8 @@ def paired_auroc_difference(y, score_a, score_b, clusters=None, level: float = 0
     var = (_covariance(k, m_k, n_k, comps[0], comps[0]) + _covariance(k, m_k, n_k, comps[1], comps[1])
            - 2 * _covariance(k, m_k, n_k, comps[0], comps[1]))
     at_edge = [a for a in (a1, a2) if a <= 0 or a >= 1]
-    floor = max(variance_floor(a, n_pos, n_neg) for a in at_edge) if len(at_edge) == 2 else 0.0
+    floor = (max(variance_floor(a, n_pos, n_neg) for a in (a1, a2))
+             if len(at_edge) == 2 or var <= DEGENERATE_VAR else 0.0)
     floored = var < floor
     se = math.sqrt(max(var, floor, 0.0))
     d = a1 - a2

@@ -201,11 +201,17 @@ def constant_vitals(vitals_encoder) -> dict:
 
 
 def p_covid(model, images, vitals) -> np.ndarray:
-    from models.evaluate import softmax
+    """Ranking score for COVID-19 vs rest: the calibrated log-odds of P(covid19).
 
+    Monotone in P(covid19), but it does not saturate: on out-of-distribution inputs (a blanked lung
+    field) the probabilities can all round to 1.0 in float64 and tie, which would fake an AUROC of 0.5.
+    """
     if not len(vitals):
         return np.zeros(0)
-    return softmax(model.logits(images, vitals), model.temperature)[:, 0]
+    z = np.asarray(model.logits(images, vitals), dtype=np.float64) / float(model.temperature)
+    rest = z[:, 1:]
+    m = rest.max(axis=1)
+    return z[:, 0] - (m + np.log(np.exp(rest - m[:, None]).sum(axis=1)))
 
 
 def _auroc_entry(y, score, clusters, extra: dict | None = None) -> dict:
