@@ -58,6 +58,8 @@ def _cluster_sums(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.n
 
 def _components(y, scores: list[np.ndarray], clusters):
     y = np.asarray(y, dtype=bool)
+    if y.all() or not y.any():
+        scores = []  # one class absent: the caller reports it undefined
     if clusters is None:
         clusters = np.arange(len(y))
     _, g = np.unique(np.asarray([str(c) for c in clusters], dtype=object), return_inverse=True)
