@@ -7,7 +7,7 @@ as the model, and writes ``evaluation.json["shortcut"]``:
 - ``ablations.{image_only, vitals_only, missingness_only}``: AUROC COVID-19 vs rest ``{value, ci_low,
   ci_high}`` (clustered DeLong, ``models.delong``) of
     * ``image_only``: a FusionNet with ``modalities=("image",)``, trained exactly like the model (same
-      loaders, epochs, early stopping, learning rate, seed; ``fit_image_only``);
+      loaders, epochs, early stopping, learning rate, seed; ``models.train.fit_image_only``);
     * ``vitals_only``: a logistic regression (L2, C=1, class-balanced) on the model's own encoded
       vitals features (standardised values + missing indicators + sex one-hot, ``VitalsEncoder``),
       fitted on the training split — the split is by patient, so no patient is on both sides;
@@ -37,7 +37,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -84,55 +83,6 @@ def predict_logistic(params: dict, X: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ image-only net
-def fit_image_only(*, train_loader, val_loader, train_tf, epochs: int, patience: int, seed: int, device: str,
-                   lr: float, weight_decay: float, class_weights, use_amp: bool, augment: str, encoder: str,
-                   image_size: int, n_vitals_features: int) -> tuple[Any, list[dict]]:
-    """FusionNet(modalities=image) trained like the model (same loaders, seeds, schedule, early stopping)."""
-    import torch
-
-    from models.network import FusionNet
-    from models.train import _seed_all, covid_auroc, predict_loader, to_device, train_step
-    from models.transforms import device_augment
-
-    modalities = ("image",)
-    _seed_all(seed)
-    net = FusionNet(encoder=encoder, image_size=image_size, n_vitals_features=n_vitals_features,
-                    modalities=modalities).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
-    best, best_state, bad, history = -math.inf, None, 0, []
-    for epoch in range(1, epochs + 1):
-        if bad >= patience:
-            break
-        ep_seed = seed * 1009 + epoch
-        _seed_all(ep_seed)
-        if hasattr(train_tf, "set_random_state"):
-            train_tf.set_random_state(seed=ep_seed % (2**32))
-        train_loader.generator.manual_seed(ep_seed)
-        aug_gen = torch.Generator().manual_seed(ep_seed)
-        net.train()
-        losses = []
-        for batch in train_loader:
-            img, vit, y = to_device(batch, device, modalities)
-            if augment == "device":
-                img = device_augment(img, aug_gen)
-            losses.append(train_step(net, opt, img, None, y, class_weights, use_amp))
-        sched.step()
-        val_logits, val_y = predict_loader(net, val_loader, device, modalities, use_amp)
-        auc = covid_auroc(val_y, val_logits)
-        score = auc if auc is not None else -float(torch.nn.functional.cross_entropy(
-            torch.tensor(val_logits), torch.tensor(val_y)))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_auroc": auc})
-        if score > best + 1e-4:
-            best, bad = score, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        else:
-            bad += 1
-    cpu = FusionNet(**net.config()).eval()
-    cpu.load_state_dict(best_state if best_state is not None else {k: v.cpu() for k, v in net.state_dict().items()})
-    return cpu, history
-
-
 def wrap_network(net, base_config: dict):
     """A ClinicalModel around an ablation network (shares the model's vitals encoder; temperature 1)."""
     from models.serving import ClinicalModel
@@ -389,22 +339,20 @@ def probe_rows(manifest, ds, seed: int = 0, limit: int = PROBE_MAX_ROWS):
 
 
 def battery_at_training(*, clinical, splits: dict, ds, te_frame, te_imgs, p_test, vitals_encoder, modalities,
-                        train_loader, val_loader, train_tf, epochs: int, patience: int, seed: int, device: str,
-                        lr: float, weight_decay: float, class_weights, use_amp: bool, augment: str, encoder: str,
-                        image_size: int, fusion_seconds: float, n_bootstrap: int, out_dir: Path,
+                        train_image_only, seed: int, fusion_seconds: float, n_bootstrap: int, out_dir: Path,
                         console=None) -> dict:
-    """Train the ablations (same loaders/seeds), save them under ``out_dir`` and return the shortcut section."""
+    """Train the ablations, save them under ``out_dir`` and return the shortcut section.
+
+    ``train_image_only()`` → a CPU FusionNet(modalities=image) and its history: the caller's training loop
+    (``models.train.fit_image_only``) run on the model's own loaders, schedule and seed.
+    """
     t0 = time.perf_counter()
     vit_params, miss_params = fit_tabular_ablations(splits["train"], vitals_encoder, seed)
     image_only, history = None, []
     if tuple(modalities) == ("image", "vitals"):
         if console is not None:
             console.print("shortcut battery: training the image-only ablation (same split, loaders and seed)")
-        net, history = fit_image_only(train_loader=train_loader, val_loader=val_loader, train_tf=train_tf,
-                                      epochs=epochs, patience=patience, seed=seed, device=device, lr=lr,
-                                      weight_decay=weight_decay, class_weights=class_weights, use_amp=use_amp,
-                                      augment=augment, encoder=encoder, image_size=image_size,
-                                      n_vitals_features=vitals_encoder.n_features)
+        net, history = train_image_only()
         image_only = wrap_network(net, clinical.config)
     ablations = Ablations(image_only, vit_params, miss_params, history, time.perf_counter() - t0)
     ablations.save(out_dir)
