@@ -165,7 +165,7 @@ def test_policy_names_the_shortcut_criteria():
 
 
 # ------------------------------------------------------------------------------ end to end (slow)
-TRAIN_KW = dict(epochs=5, image_size=64, encoder="small", batch_size=16, lr=3e-3, patience=4, seed=7,
+TRAIN_KW = dict(epochs=6, image_size=64, encoder="small", batch_size=16, lr=3e-3, patience=4, seed=7,
                 device="cpu", n_bootstrap=200, show_progress=False)
 
 
@@ -179,7 +179,7 @@ def _train_cohort(tmp_path, monkeypatch, confound):
 
     torch.set_num_threads(2)
     monkeypatch.setenv("CXR_USER", "rita.researcher")
-    synthesize_cohort(200, tmp_path / "cohort", seed=3, image_size=64, confound=confound)
+    synthesize_cohort(240, tmp_path / "cohort", seed=3, image_size=64, confound=confound)
     summary = import_dataset(tmp_path / "cohort", "syn", seed=3, actor="rita.researcher", track=False, quiet=True,
                              workers=1)
     from pipelines.lifecycle import train_and_record
