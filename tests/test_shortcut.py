@@ -200,7 +200,7 @@ def _shortcut_failures(version: str) -> tuple[set, dict]:
 @pytest.mark.slow
 def test_battery_catches_a_site_confounded_model(cxr_env, tmp_path, monkeypatch):
     summary, result = _train_cohort(tmp_path, monkeypatch, "site")
-    assert summary.confounding["site"]["strength"] == "strong" and summary.confounding["warnings"]
+    assert summary.confounding["site"]["cramers_v"] > 0.4      # the import summary shows the confounding
     ev = result["evaluation_full"]
     sc = ev["shortcut"]
     for k in ("image_only", "vitals_only", "missingness_only"):
