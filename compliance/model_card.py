@@ -127,6 +127,18 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, list[str], list[tuple[lis
         f"Temperature scaling T={cal.get('temperature', '-')}; expected calibration error before "
         f"{cal.get('ece_before', '-')}, after {cal.get('ece_after', '-')} (the API returns calibrated probabilities)."
     ] + _covid19_calibration_lines(cal), []))
+    from compliance.shortcut_summary import fmt_ci, shortcut_differences, shortcut_table
+
+    sc_rows = [[r["what"], fmt_ci(r["auroc"]), r["n"]["images"], r["n"]["covid19"], r["n"]["other"]]
+               for r in shortcut_table(ev)]
+    sc_rows += [[d["name"].replace("_", " ") + " (paired AUROC difference)", fmt_ci(d), "", "", ""]
+                for d in shortcut_differences(ev)]
+    out.append(("Shortcut battery", [
+        "Does the model look at the lungs? Ablations on the same split and seeds, the model with the lung fields "
+        "blanked or kept alone (fixed lung-field mask, vitals held constant), paired differences; AUROC COVID-19 vs "
+        "rest with 95% clustered-DeLong intervals."] if sc_rows else
+        ["NO shortcut battery recorded: whether the model uses the source, text or missing fields is unknown."],
+        [(["test", "AUROC (95% CI)", "images", "covid19", "other"], sc_rows)] if sc_rows else []))
     from compliance.policy import split_by_provenance
 
     ext_rows = []

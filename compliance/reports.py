@@ -23,6 +23,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from compliance.audit import coarse_bounds, in_period, list_events, parse_utc, record_event, verify_chain
+from compliance.shortcut_summary import shortcut_differences, shortcut_table
 from compliance.users import GovernanceError
 from core.db import get_engine
 
@@ -102,7 +103,9 @@ def _evaluation_summary(evaluation: dict[str, Any], sha: str, ext_shas: dict[str
             "threshold": _num(cvr.get("threshold")), "metrics": {m: _ci(cvr.get(m)) for m in METRICS},
             "interval_method": str(evaluation.get("interval_method") or "patient-level percentile bootstrap"),
             "calibration": calibration,
-            "external": external}
+            "external": external,
+            "shortcut": {"auroc": {r["name"]: _ci(r["auroc"]) for r in shortcut_table(evaluation)},
+                         "differences": {d["name"]: _ci(d) for d in shortcut_differences(evaluation)}}}
 
 
 def _model_lineage(end: str) -> list[dict[str, Any]]:
@@ -322,6 +325,10 @@ def render_csv(report: dict[str, Any]) -> str:
                 row("evaluation", k, mc["value"], v, lo=mc["ci_low"], hi=mc["ci_high"])
             for k, val in ev["calibration"].items():
                 row("evaluation", k, val, v)
+            for sk, mc in (ev.get("shortcut") or {}).get("auroc", {}).items():
+                row("evaluation", f"shortcut.{sk}.auroc", mc["value"], v, lo=mc["ci_low"], hi=mc["ci_high"])
+            for sk, mc in (ev.get("shortcut") or {}).get("differences", {}).items():
+                row("evaluation", f"shortcut.{sk}", mc["value"], v, lo=mc["ci_low"], hi=mc["ci_high"])
             for x in ev["external"]:
                 row("external_validation", "auroc", x["auroc"]["value"], v, lo=x["auroc"]["ci_low"],
                     hi=x["auroc"]["ci_high"], detail=x["dataset"])
@@ -477,6 +484,9 @@ def render_pdf(report: dict[str, Any], out: Path) -> None:
             mrows = [["metric (covid19 vs rest)", "value (95% CI)"]] + [[k, _ci_text(v)] for k, v in ev["metrics"].items()]
             mrows += [[f"external: {x['dataset']} AUROC" + ("" if x.get("counted", True) else " (NOT counted: internal)"),
                        _ci_text(x["auroc"])] for x in ev["external"]]
+            sc = ev.get("shortcut") or {}
+            mrows += [[f"shortcut: {k} AUROC", _ci_text(v)] for k, v in (sc.get("auroc") or {}).items()]
+            mrows += [[f"shortcut: {k}", _ci_text(v)] for k, v in (sc.get("differences") or {}).items()]
             story.append(pdf_table(mrows, [70 * mm, 60 * mm], st))
         else:
             story.append(Paragraph(escape(f"No evaluation: {m['policy'].get('error')}"), st["small"]))

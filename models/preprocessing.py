@@ -948,6 +948,8 @@ def prepare_image(decoded_pixels: "np.ndarray | DecodedImage", size: int = 256, 
     full-resolution pixel 2**k·n, not on the middle of its 2**k block, so the source box is shifted
     by (1 - 2**-k)/2 reduced pixels and spans cols/2**k x rows/2**k; every output pixel then samples
     the same place as the full-resolution resize (without it: a 1.5-pixel shift at k = 2).
+    Last step: ``models.intensity.robust_window`` (0.5–99.5 percentile window), the same for DICOM,
+    8-bit and 16-bit PNG, so the file format leaves no fingerprint in the array.
     """
     from PIL import Image
 
@@ -978,7 +980,10 @@ def prepare_image(decoded_pixels: "np.ndarray | DecodedImage", size: int = 256, 
     else:
         img = Image.fromarray(np.ascontiguousarray(arr))  # mode "F" (float32)
         out = np.asarray(img.resize((size, size), resample=Image.Resampling.BILINEAR, box=box), dtype=np.float32)
-    return np.clip(out, 0.0, 1.0)[None, :, :].astype(np.float32)
+    # the one intensity normalisation for every format (models/intensity.py; docs/INTERFACES.md)
+    from models.intensity import robust_window
+
+    return robust_window(np.clip(out, 0.0, 1.0))[None, :, :].astype(np.float32)
 
 
 def decode_and_prepare(source: bytes | str | os.PathLike | BinaryIO, size: int = 256, *, max_pixels: int | None = None,

@@ -242,9 +242,13 @@ def train(dataset_name: str, *, epochs: int = 10, image_size: int = 224, device:
           n_bootstrap: int = 1000, deterministic: bool | None = None, num_workers: int | None = None,
           external: Sequence[str] = (), show_progress: bool = True, augment: str = "auto",
           on_epoch_end: Callable[[int, dict], None] | None = None,
-          on_event: EventSink | None = None) -> dict:
+          on_event: EventSink | None = None, shortcut_battery: bool = True) -> dict:
     """Train, evaluate, log and register; returns ``{"model_version", "run_id", "dataset_version",
-    "dataset", "evaluation", "history", "checkpoint"}``. Raises ``TrainingError`` for bad input."""
+    "dataset", "evaluation", "history", "checkpoint"}``. Raises ``TrainingError`` for bad input.
+
+    ``shortcut_battery`` (default on): after the model, the shortcut battery (``models.shortcut``:
+    image-only / vitals-only / missingness-only ablations on the same split and seeds, masked-lung tests,
+    site probe) and the deployment-prevalence section (``models.prevalence``) go into evaluation.json."""
     import mlflow
     import torch
     from rich.console import Console
@@ -468,6 +472,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
     progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                         disable=not show_progress or not console.is_terminal)
+    t_fit = time.perf_counter()
     with progress:
         for epoch in range(start_epoch, epochs + 1):
             if state["bad_epochs"] >= patience:
@@ -532,6 +537,7 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                               f"{metrics['train_images_per_second']:.1f} img/s{'  (best)' if improved else ''}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
+    fit_seconds = time.perf_counter() - t_fit
     if state["best_state"] is None:
         raise TrainingError("no epoch completed")
     if not dctx.is_main:
@@ -640,6 +646,32 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
                        "external": external_results})
     eval_dir = work / "evaluation"
     eval_dir.mkdir(parents=True, exist_ok=True)
+    # ---- deployment prevalence + shortcut battery (issue 14; models/prevalence.py, models/shortcut.py)
+    from models.prevalence import plot_decision_curve, prevalence_report
+
+    p_test = softmax(te_logits, temperature)[:, 0]
+    evaluation["prevalence"] = prevalence_report(te_y == 0, p_test, sel["threshold"],
+                                                 te_frame["patient_id"].astype(str).tolist(),
+                                                 n_bootstrap=n_bootstrap, seed=seed)
+    if _unused.get("shortcut_battery", True):
+        from models.shortcut import battery_at_training
+
+        evaluation["shortcut"] = battery_at_training(
+            clinical=clinical, splits=splits, ds=ds, te_frame=te_frame, te_imgs=te_imgs, p_test=p_test,
+            vitals_encoder=vitals_encoder, modalities=modalities, seed=seed, fusion_seconds=fit_seconds,
+            train_image_only=lambda: fit_image_only(
+                train_loader=train_loader, val_loader=val_loader, train_tf=train_tf, epochs=epochs, patience=patience,
+                seed=seed, device=device, lr=_unused["lr"], weight_decay=_unused["weight_decay"],
+                class_weights=class_weights, use_amp=use_amp, augment=augment, encoder=encoder,
+                image_size=image_size, n_vitals_features=vitals_encoder.n_features),
+            n_bootstrap=n_bootstrap, out_dir=eval_dir / "shortcut_models", console=console)
+        evaluation["warnings"] = list(dict.fromkeys([*evaluation["warnings"], *evaluation["shortcut"]["warnings"]]))
+        mlflow.log_metrics({k: v for k, v in {
+            "shortcut_battery_seconds": evaluation["shortcut"]["cost"]["battery_seconds"],
+            "fusion_fit_seconds": fit_seconds,
+            "masked_lungs_auroc": (evaluation["shortcut"].get("masked_lungs") or {}).get("auroc", {}).get("value"),
+        }.items() if v is not None})
+    plot_decision_curve(evaluation["prevalence"]["decision_curve"], eval_dir)
     write_plots(evaluation, eval_dir, curves)  # first: adds the per-site reliability numbers
     (eval_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2, default=_json_default))
     import pandas as pd
@@ -692,6 +724,55 @@ def _fit_and_package(*, net, opt, sched, state, epochs, patience, train_loader, 
             "evaluation": summary, "evaluation_full": evaluation, "history": state["history"],
             "checkpoint": str(ckpt_path), "warnings": evaluation["warnings"],
             **({"distributed_rank": {**dctx.summary(), "history": state["history"]}} if dctx.enabled else {})}
+
+
+def fit_image_only(*, train_loader, val_loader, train_tf, epochs: int, patience: int, seed: int, device: str,
+                   lr: float, weight_decay: float, class_weights, use_amp: bool, augment: str, encoder: str,
+                   image_size: int, n_vitals_features: int) -> tuple[Any, list[dict]]:
+    """The shortcut battery's image-only ablation (models.shortcut): FusionNet(modalities=image) trained like
+    the model — same loaders, seeds, schedule and early stopping — without checkpoints, MLflow or registration."""
+    import torch
+
+    from models.network import FusionNet
+    from models.transforms import device_augment
+
+    modalities = ("image",)
+    _seed_all(seed)
+    net = FusionNet(encoder=encoder, image_size=image_size, n_vitals_features=n_vitals_features,
+                    modalities=modalities).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
+    best, best_state, bad, history = -math.inf, None, 0, []
+    for epoch in range(1, epochs + 1):
+        if bad >= patience:
+            break
+        ep_seed = seed * 1009 + epoch
+        _seed_all(ep_seed)
+        if hasattr(train_tf, "set_random_state"):
+            train_tf.set_random_state(seed=ep_seed % (2**32))
+        train_loader.generator.manual_seed(ep_seed)
+        aug_gen = torch.Generator().manual_seed(ep_seed)
+        net.train()
+        losses = []
+        for batch in train_loader:
+            img, vit, y = to_device(batch, device, modalities)
+            if augment == "device":
+                img = device_augment(img, aug_gen)
+            losses.append(train_step(net, opt, img, None, y, class_weights, use_amp))
+        sched.step()
+        val_logits, val_y = predict_loader(net, val_loader, device, modalities, use_amp)
+        auc = covid_auroc(val_y, val_logits)
+        score = auc if auc is not None else -float(torch.nn.functional.cross_entropy(
+            torch.tensor(val_logits), torch.tensor(val_y)))
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_auroc": auc})
+        if score > best + 1e-4:
+            best, bad = score, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+    cpu = FusionNet(**net.config()).eval()
+    cpu.load_state_dict(best_state if best_state is not None else {k: v.cpu() for k, v in net.state_dict().items()})
+    return cpu, history
 
 
 def _monai_version() -> str:

@@ -40,7 +40,8 @@ def dataset_version_check(trained_version: Any, current_version: Any) -> dict[st
 def evaluate_model_version(model_version: str | int = "champion", dataset_name: str = "", *,
                            split: str | None = None, out: str | Path | None = None, seed: int = 0,
                            n_bootstrap: int = 1000, log_to_mlflow: bool = True,
-                           allow_version_mismatch: bool = False, on_event: EventSink | None = None) -> dict:
+                           allow_version_mismatch: bool = False, on_event: EventSink | None = None,
+                           shortcut: bool = True) -> dict:
     """Evaluate a registered version on a dataset (``cxr evaluate``); returns the evaluation dict.
 
     ``split=None``: the ``test`` split when the dataset is the version's training dataset, else every
@@ -53,6 +54,8 @@ def evaluate_model_version(model_version: str | int = "champion", dataset_name: 
     (``dataset_version_check.status == "mismatch"`` and a warning). On another dataset,
     ``provenance`` (models/provenance.py) decides whether it is external validation:
     ``is_external`` is True only when sources, sites and images are disjoint from the training data.
+    Adds ``prevalence`` and (``shortcut=True``) the shortcut battery (``models.shortcut``; ablations from
+    the version's run).
     """
     from core.config import get_settings
     from models import registry
@@ -95,6 +98,24 @@ def evaluate_model_version(model_version: str | int = "champion", dataset_name: 
         labels, logits, temperature=model.temperature, threshold=model.operating_threshold,
         patient_ids=rows["patient_id"].astype(str).tolist(), meta=rows, n_bootstrap=n_bootstrap, seed=seed,
         threshold_selection=model.config.get("threshold_selection"))
+    # deployment prevalence + shortcut battery (issue 14): the ablations trained with the version are
+    # re-scored from its run artefacts; masked-lung tests and the site probe run on these rows
+    from models.prevalence import plot_decision_curve, prevalence_report
+
+    p_rows = curves["probs"][:, 0] if len(rows) else np.zeros(0)
+    evaluation["prevalence"] = prevalence_report(labels == 0, p_rows, model.operating_threshold,
+                                                 rows["patient_id"].astype(str).tolist(), n_bootstrap=n_bootstrap,
+                                                 seed=seed)
+    if shortcut and len(rows):
+        from models.shortcut import shortcut_report
+
+        ablations = _load_ablations(model)
+        probe = labelled_rows(ds.manifest, "all")
+        probe_imgs = images if split == "all" else [ds.array(r) for _, r in probe.iterrows()]
+        evaluation["shortcut"] = shortcut_report(model, ablations, rows, images, p_model=p_rows, probe_frame=probe,
+                                                 probe_images=probe_imgs, manifest=ds.manifest, seed=seed,
+                                                 n_bootstrap=n_bootstrap)
+        evaluation["warnings"] = list(dict.fromkeys([*evaluation["warnings"], *evaluation["shortcut"]["warnings"]]))
     role = "internal-test" if same_dataset else ("external" if external else "internal-other-dataset")
     evaluation.update({"dataset": dataset_name, "dataset_version": ds.version.get("dataset_version"),
                        "split": split, "is_external": external, "evaluation_role": role,
@@ -118,6 +139,9 @@ def evaluate_model_version(model_version: str | int = "champion", dataset_name: 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     plot_dir = out_path.parent
     plots = write_plots(evaluation, plot_dir, curves)
+    dc = plot_decision_curve(evaluation["prevalence"]["decision_curve"], plot_dir)
+    if dc is not None:
+        plots.append(dc)
     out_path.write_text(json.dumps(evaluation, indent=2, default=_json_default))
     evaluation["artifacts"] = {"evaluation_json": str(out_path), "plots": [str(p) for p in plots]}
     if log_to_mlflow and model.run_id:
@@ -132,3 +156,20 @@ def evaluate_model_version(model_version: str | int = "champion", dataset_name: 
                           "n_patients": evaluation["n_patients"],
                           "auroc": evaluation["covid19_vs_rest"]["auroc"]["value"]})
     return evaluation
+
+
+def _load_ablations(model):
+    """The ablation models saved with the version's training run (``evaluation/shortcut_models``), or None."""
+    import tempfile
+
+    from models import registry
+    from models.shortcut import Ablations
+
+    if not model.run_id:
+        return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="cxr-abl-") as tmp:
+            path = registry.client().download_artifacts(model.run_id, "evaluation/shortcut_models", dst_path=tmp)
+            return Ablations.load(Path(path), model.config)
+    except Exception:  # noqa: BLE001 - a version trained before the battery existed (or without it)
+        return None

@@ -94,6 +94,7 @@ class ImportSummary:
     n_patients: int = 0
     near_duplicate_pairs: list = field(default_factory=list)  # [{row_a, row_b, patient_a, patient_b, distance, ...}]
     near_duplicate_distance: int | None = None  # pHash bits up to which pairs were linked (choose_link_distance)
+    confounding: dict = field(default_factory=dict)  # site/source ↔ label (models.confounding)
     dvc_md5: str | None = None
     root: Path | None = None
     seconds: float = 0.0
@@ -863,7 +864,19 @@ def _summary(name, info, batch, manifest_rows, rejected_rows, root, seconds, wor
         n_patients=len({r["patient_id"] for r in manifest_rows}),
         near_duplicate_pairs=list(info.get("near_duplicate_pairs") or []),
         near_duplicate_distance=info.get("near_duplicate_distance"),
+        confounding=_confounding(manifest_rows),
         root=root, seconds=seconds, workers=workers)
+
+
+def _confounding(manifest_rows: list[dict]) -> dict:
+    """Cramér's V of site and source against the label, with counts and a warning when strong."""
+    import pandas as pd
+
+    from models.confounding import confounding_summary
+
+    if not manifest_rows:
+        return {}
+    return confounding_summary(pd.DataFrame(manifest_rows, columns=["label", "site", "source"]))
 
 
 def default_workers() -> int:
@@ -1018,6 +1031,14 @@ def print_summary(summary: ImportSummary, console=None) -> None:
         if len(pairs) > 25:
             nd.add_row(f"({len(pairs) - 25} more)", "", "", "", "")
         console.print(nd)
+    for attr in ("site", "source"):
+        c = (summary.confounding or {}).get(attr)
+        if c and c.get("cramers_v") is not None:
+            console.print(f"{attr} ↔ label: Cramér's V {c['cramers_v']:.2f} ({c['strength']}; n={c['n']}, "
+                          f"{c['n_values']} {attr} values, {c['n_single_label_values']} hold a single label "
+                          f"= {c['n_images_in_single_label_values']} images)")
+    for w in (summary.confounding or {}).get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
     rate = f"{summary.files_per_s:.1f} records/s, {summary.workers} worker(s)"
     console.print(f"took {summary.seconds:.1f} s ({rate})")
     if summary.dvc_md5:

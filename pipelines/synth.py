@@ -24,6 +24,15 @@ tachycardia; normal: normal), with noise and ~20 % missing values per field. ``v
 opacities, a different detector contrast, milder fever and normal SpO2 — a model trained on the
 base cohort loses sensitivity on it. Everything is drawn from ``numpy.random.default_rng`` seeded
 by (seed, variant, patient): the same arguments give byte-identical files.
+
+``confound`` (see ``CONFOUNDS``) makes a cohort a shortcut-learning model can exploit, like the
+public collections (issue 14): ``site`` — the site follows the label (covid19 at
+``synthetic-site-a`` with probability ``CONFOUND_SITE_P``, the other classes at sites b–d), every image
+carries its site's marker burned into a border corner outside the lung fields (``burn_site_marker``:
+a bright block, as printed labels are), and the disease signal in the lungs is faint (× 0.35);
+``missingness`` — SpO2 is never recorded for other_pneumonia/normal and recorded for 25 % of covid19
+(public collection: 0/85 vs 99/427); ``all`` — both. The unconfounded cohort (no ``confound``) draws
+the site independently of the label and has no marker.
 """
 from __future__ import annotations
 
@@ -45,6 +54,11 @@ CSV_COLUMNS = [
     "spo2_percent", "heart_rate_bpm", "respiratory_rate", "systolic_bp_mmhg", "variant",
 ]
 MISSING_RATE = 0.2  # per vital field and study
+CONFOUNDS = ("site", "missingness", "all")
+CONFOUND_SITE_P = 0.9
+CONFOUND_COVID_AMPLITUDE = 0.35
+# marker block per site index, (row0, row1, col0, col1) as fractions: the four border corners
+SITE_MARKERS = ((0.03, 0.10, 0.04, 0.20), (0.03, 0.10, 0.80, 0.96), (0.90, 0.97, 0.04, 0.20), (0.90, 0.97, 0.80, 0.96))
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root; suffixes are deterministic hashes
 
 
@@ -372,6 +386,15 @@ def _draw_vitals(rng: np.random.Generator, label: str, variant: VariantProfile, 
     return out
 
 
+def burn_site_marker(img: np.ndarray, site_index: int) -> np.ndarray:
+    """A bright block (burned-in label) in the border corner of ``site_index`` (outside the lung fields)."""
+    r0, r1, c0, c1 = SITE_MARKERS[site_index % len(SITE_MARKERS)]
+    rows, cols = img.shape
+    out = img.copy()
+    out[int(r0 * rows):max(int(r1 * rows), int(r0 * rows) + 2), int(c0 * cols):max(int(c1 * cols), int(c0 * cols) + 2)] = 0.97
+    return out
+
+
 def _labels(n: int, rng: np.random.Generator) -> list[str]:
     counts = [int(round(n * p)) for p in CLASS_MIX]
     counts[-1] = n - sum(counts[:-1])
@@ -387,6 +410,7 @@ def synthesize_cohort(
     variant: str | None = None,
     image_size: int = 512,
     progress: Callable[[int], None] | None = None,
+    confound: str | None = None,
 ) -> SynthSummary:
     """Write ``n_patients`` synthetic patients (1–3 studies each) as DICOM + ``vitals.csv`` into ``out_dir``.
 
@@ -404,6 +428,15 @@ def synthesize_cohort(
     if vname and vname not in VARIANTS:
         raise ValueError(f"unknown variant '{variant}'; known: {', '.join(sorted(VARIANTS))}")
     vprof = VARIANTS[vname] if vname else BASE
+    confound = (confound or "").strip().lower() or None
+    if confound and confound not in CONFOUNDS:
+        raise ValueError(f"unknown confound '{confound}'; known: {', '.join(CONFOUNDS)}")
+    site_confound = confound in ("site", "all")
+    miss_confound = confound in ("missingness", "all")
+    if site_confound:
+        import dataclasses
+
+        vprof = dataclasses.replace(vprof, covid_amplitude=vprof.covid_amplitude * CONFOUND_COVID_AMPLITUDE)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encodings_ok = _jpegls_available()
@@ -419,7 +452,11 @@ def synthesize_cohort(
     for i in range(n_patients):
         prng = _rng(seed, vname, 2, i)
         label = str(labels[i])
-        site = SITES[int(prng.integers(0, len(SITES)))]
+        site_index = int(prng.integers(0, len(SITES)))
+        if site_confound:  # the site follows the label (drawn from the patient's own stream)
+            at_a = prng.random() < (CONFOUND_SITE_P if label == "covid19" else 1 - CONFOUND_SITE_P)
+            site_index = 0 if at_a else 1 + int(prng.integers(0, len(SITES) - 1))
+        site = SITES[site_index]
         sex = "F" if prng.random() < 0.5 else "M"
         age = float(np.clip(prng.normal(VITALS_BY_CLASS[label]["age_years"][0], VITALS_BY_CLASS[label]["age_years"][1]), 18, 95))
         first = str(prng.choice(_FIRST_F if sex == "F" else _FIRST_M))
@@ -438,6 +475,8 @@ def synthesize_cohort(
             rows = int(image_size)
             cols = int(round(image_size * site.aspect))
             img = render_chest(srng, rows, cols, label, severity, anatomy, vprof, noise=site.noise)
+            if site_confound:
+                img = burn_site_marker(img, site_index)
             bits = int(srng.choice(site.bits_stored))
             stored, pix_header = _to_stored(img, srng, site, bits)
             enc_choices = [e for e in site.encodings if e != "JPEGLSLossless" or encodings_ok] or ["ExplicitVRLittleEndian"]
@@ -480,6 +519,8 @@ def synthesize_cohort(
             fname = f"p{i + 1:05d}_s{k + 1}.dcm"
             (out / fname).write_bytes(encode_dicom(stored, header, encoding))
             vit = _draw_vitals(srng, label, vprof, age + k / 365.25)
+            if miss_confound and (label != "covid19" or srng.random() < 0.75):
+                vit["spo2_percent"] = None
             rows_out.append({
                 "filename": fname, "patient_id": mrn, "label": label, "site": site.name,
                 "study_date": day.isoformat(), "view": view, "sex": sex, **vit, "variant": vname,

@@ -50,6 +50,17 @@ GOOD_EVALUATION: dict[str, Any] = {
             "provenance": {"is_external": True, "reasons": []},  # policy 2.0.0 counts verified ones only
         }
     },
+    # the shortcut battery (issue 14, policy 1.1.0): beats vitals-only and missingness-only, blind without lungs
+    "shortcut": {
+        "n_images": 52, "n_covid19": 19, "n_other": 33, "model": _metric(0.91, 0.84, 0.96),
+        "ablations": {"image_only": {"auroc": _metric(0.88, 0.79, 0.95)},
+                      "vitals_only": {"auroc": _metric(0.70, 0.56, 0.83)},
+                      "missingness_only": {"auroc": _metric(0.52, 0.40, 0.64)}},
+        "fusion_minus_vitals_only": _metric(0.21, 0.09, 0.33),
+        "fusion_minus_missingness_only": _metric(0.39, 0.25, 0.53),
+        "masked_lungs": {"auroc": _metric(0.53, 0.38, 0.66)},
+        "lungs_only": {"auroc": _metric(0.86, 0.76, 0.94)},
+    },
 }
 
 

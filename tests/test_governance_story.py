@@ -169,7 +169,7 @@ def test_governance_story(cxr_env):
     # --- e-signatures: printed name, UTC time, meaning, reason, policy version, evaluation hash ------------
     sigs = signatures(v_good)
     assert sigs[0]["signer_full_name"] == "Alice Approver" and sigs[0]["meaning"] == "approved for clinical use"
-    assert sigs[0]["time_utc"].endswith("Z") and sigs[0]["policy_version"] == "2.0.0"
+    assert sigs[0]["time_utc"].endswith("Z") and sigs[0]["policy_version"] == "2.1.0"
     assert sigs[0]["evaluation_sha256"] == tags["approval_evaluation_sha256"]
     override_sig = [s for s in signatures(v_fail) if s["action"] == "approve"][0]
     assert override_sig["policy_passed"] is False and "emergency use" in override_sig["policy_override_reason"]
@@ -253,7 +253,7 @@ def test_policy_criteria_measured_values_and_external_artifacts(cxr_env):
 
     bad = check_release_policy(make_version(failing_evaluation()), actor="qa")
     by_id = {c.id: c for c in bad.criteria}
-    assert not bad.passed and bad.policy_version == "2.0.0"
+    assert not bad.passed and bad.policy_version == "2.1.0"
     assert (by_id["covid19-sensitivity-lower-bound"].measured, by_id["covid19-sensitivity-lower-bound"].threshold,
             by_id["covid19-sensitivity-lower-bound"].passed) == (0.41, 0.70, False)
     assert by_id["covid19-auroc-lower-bound"].passed and by_id["calibration-covid19-ece"].passed

@@ -1,6 +1,6 @@
 """``cxr data``: synthesise a cohort, check DICOM files (import/versions/add-batch: app.cli.data_import).
 
-- ``cxr data synth --patients N --out DIR [--seed S] [--variant NAME] [--image-size PX]``
+- ``cxr data synth --patients N --out DIR [--seed S] [--variant NAME] [--image-size PX] [--confound site|missingness|all]``
 - ``cxr data check FILE... [--json] [--recursive] [--max-pixels N]``: per file accepted (modality,
   view, photometric, transfer syntax, shape) or refused (code + reason). Exit 0 only when every
   file is accepted, 1 when any is refused, 2 on usage errors. Never a traceback.
@@ -31,17 +31,24 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same bytes."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Appearance/vitals shift, e.g. 'omicron'."),
     image_size: int = typer.Option(512, "--image-size", min=32, max=4096, help="Image rows in pixels."),
+    confound: Optional[str] = typer.Option(None, "--confound",
+                                           help="Make a shortcut-prone cohort: 'site' (site follows the label, site "
+                                                "marker burned into the border, faint lung signal), 'missingness' "
+                                                "(SpO2 recorded mostly for covid19) or 'all'."),
 ) -> None:
     """Write a synthetic chest X-ray + vitals cohort: real DICOM files (CR/DX, mixed encodings) + vitals.csv."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from pipelines.synth import VARIANTS, synthesize_cohort
+    from pipelines.synth import CONFOUNDS, VARIANTS, synthesize_cohort
 
     console = Console(stderr=True, soft_wrap=True)
     if variant and variant.strip().lower() not in VARIANTS:
         console.print(f"[red]unknown variant '{variant}'[/red]; known: {', '.join(sorted(VARIANTS))}")
+        raise typer.Exit(2)
+    if confound and confound.strip().lower() not in CONFOUNDS:
+        console.print(f"[red]unknown confound '{confound}'[/red]; known: {', '.join(CONFOUNDS)}")
         raise typer.Exit(2)
     if out.exists() and not out.is_dir():
         console.print(f"[red]--out {out} exists and is not a folder[/red]")
@@ -51,7 +58,8 @@ def synth(
                       console=console, transient=True) as progress:
             task = progress.add_task("images", total=None)
             summary = synthesize_cohort(patients, out, seed=seed, variant=variant, image_size=image_size,
-                                        progress=lambda n: progress.update(task, completed=n))
+                                        progress=lambda n: progress.update(task, completed=n),
+                                        confound=confound)
     except (OSError, ValueError) as exc:
         console.print(f"[red]synthesis failed:[/red] {exc}")
         raise typer.Exit(1) from None

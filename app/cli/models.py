@@ -48,6 +48,9 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from this configuration's last checkpoint"),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic/--fast",
                                                  help="deterministic algorithms (default: on for CPU, off for GPU)"),
+    shortcut: bool = typer.Option(True, "--shortcut/--no-shortcut",
+                                  help="run the shortcut battery (ablations, masked lungs, site probe); a version "
+                                       "without it fails the release policy's shortcut criteria"),
     as_user: Optional[str] = typer.Option(None, "--as", help="acting user (default CXR_USER); authenticated by "
                                           "--password-stdin, or use CXR_TOKEN"),
     password_stdin: bool = typer.Option(False, "--password-stdin", help="read the acting user's password from stdin"),
@@ -77,7 +80,8 @@ def train_cmd(
                            modalities=mods, encoder=encoder, batch_size=batch_size,
                            target_sensitivity=target_sensitivity, actor=as_user, resume=resume, lr=lr,
                            patience=patience, n_bootstrap=n_bootstrap, deterministic=deterministic,
-                           external=external, show_progress=not json_out or sys.stderr.isatty())
+                           external=external, show_progress=not json_out or sys.stderr.isatty(),
+                           shortcut_battery=shortcut)
     except TrainingError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
