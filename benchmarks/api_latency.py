@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PASSWORD = "benchmark-password"
+PASSWORD = "benchmark-password-2026-cxr"
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -57,7 +57,7 @@ def _ensure_users() -> str:
 
     for name, role in (("bench-clin", "clinician"), ("bench-res", "researcher"), ("bench-appr", "approver")):
         try:
-            create_user(name, role, PASSWORD, actor="benchmark")
+            create_user(name, role, PASSWORD, actor="benchmark", sites=("bench",) if role == "clinician" else None)
         except UserError:
             pass
     return issue_token("bench-clin", actor="benchmark")
