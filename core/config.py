@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     api_port: int = 8000
     champion_poll_seconds: float = 5.0
     vitals_ttl_hours: float = 24.0  # how long vitals sent ahead of a DICOM study are kept (PUT /v1/vitals)
+    dicom_site: str | None = None  # the site whose PACS sends to the DICOM listener (its predictions' site)
     dicom_send_to: str | None = None  # AET@HOST:PORT where DICOMweb STOW-RS results are C-STORE'd (the PACS)
 
     release_policy_path: Path = PACKAGE_ROOT / "compliance" / "release_policy.yaml"

@@ -98,7 +98,7 @@ def test_same_pixels_same_probability_through_rest_and_stow(client, api_env):  #
     data = _with_accession(make_dicom(rows=128, cols=128, seed=5), "ACC-SAME", seed=5)
     client.put("/v1/vitals/ACC-SAME", headers=clin, json=VITALS)
     rest = client.post("/v1/predictions", headers=clin, files={"image": ("x.dcm", data, "application/dicom")},
-                       data={"vitals": json.dumps(VITALS), "site": "unknown"})
+                       data={"vitals": json.dumps(VITALS), "site": "site-a"})
     assert rest.status_code == 200, rest.text
     r = _stow(client, clin, [data])
     assert r.status_code == 200, r.text

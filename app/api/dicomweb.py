@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from app.api import predictions_service, problem_doc
-from app.auth import Principal, require
+from app.auth import Principal, authorise_filing_site, require
 from app.problems import ApiProblem
+from app.schemas import SITE_PATTERN
 
 log = logging.getLogger("cxr.api.dicomweb")
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
@@ -59,12 +61,13 @@ def split_multipart_related(body: bytes, content_type: str) -> list[bytes]:
     return parts
 
 
-def _store(request: Request, parts: list[bytes], principal: Principal) -> tuple[dict, int]:
+def _store(request: Request, parts: list[bytes], principal: Principal, site: str | None) -> tuple[dict, int]:
     from app.dicom.analysis import analyse_with
     from app.dicom.pipeline import handle_instances, record_sent, stow_response, stow_status
     from app.dicom.sender import Destination, Sender, SendError
 
-    analyse = analyse_with(predictions_service(request), actor=principal.name, role=principal.role, channel="stow")
+    analyse = analyse_with(predictions_service(request), actor=principal.name, role=principal.role, channel="stow",
+                           site=site)
     outcomes = handle_instances(parts, analyse, actor=principal.name, via="stow-rs")
     send_to = request.app.state.settings.dicom_send_to
     if send_to:
@@ -82,7 +85,11 @@ def _store(request: Request, parts: list[bytes], principal: Principal) -> tuple[
 
 @router.post("/studies", status_code=200, responses=problem_doc(400, 413, 415, 503),
              summary="STOW-RS: store DICOM instances; each chest radiograph is analysed")
-async def stow_studies(request: Request, principal: Principal = Depends(require("dicomweb.store"))):
+async def stow_studies(request: Request, site: Annotated[str | None, Query(
+                            pattern=SITE_PATTERN, description="site code: one of the caller's sites (may be omitted "
+                                                              "by a single-site user)")] = None,
+                        principal: Principal = Depends(require("dicomweb.store"))):
+    site = authorise_filing_site(principal, site)  # the same rule as POST /v1/predictions
     parts = split_multipart_related(await request.body(), request.headers.get("content-type", ""))
-    body, status = await run_in_threadpool(_store, request, parts, principal)
+    body, status = await run_in_threadpool(_store, request, parts, principal, site)
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)

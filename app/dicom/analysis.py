@@ -35,7 +35,8 @@ def approval_of(version: str) -> Approval | None:
     return Approval(approved_by=last.get("signer_name"), approved_at=last.get("time_utc"))
 
 
-def analyse_with(service, *, actor: str = ACTOR, role: str = ROLE, channel: str = "dicom") -> Analyse:
+def analyse_with(service, *, actor: str = ACTOR, role: str = ROLE, channel: str = "dicom",
+                 site: str | None = None) -> Analyse:
     """``analyse(data, accession)`` over a ``PredictionService`` (the API's, for STOW-RS; the listener's own)."""
     approvals: dict[str, Approval | None] = {}
 
@@ -45,7 +46,7 @@ def analyse_with(service, *, actor: str = ACTOR, role: str = ROLE, channel: str 
         from models.preprocessing import ImageRefused
 
         try:
-            served = service.predict(data, vitals_for_accession(accession), site=None, accession=accession,
+            served = service.predict(data, vitals_for_accession(accession), site=site, accession=accession,
                                      actor=actor, role=role, channel=channel)
         except ImageRefused as exc:
             return Refusal(exc.code, exc.reason)
@@ -68,6 +69,8 @@ def analyse_with(service, *, actor: str = ACTOR, role: str = ROLE, channel: str 
 
 
 def make_analyse(wait_seconds: float = 180.0) -> Analyse:
+    """The listener's ``analyse``; its predictions are filed under ``CXR_DICOM_SITE`` (the site whose
+    PACS sends to this listener; ``unknown`` when unset)."""
     from app.services.champion import ModelService
     from app.services.predictions import PredictionService
     from core.config import get_settings
@@ -79,6 +82,6 @@ def make_analyse(wait_seconds: float = 180.0) -> Analyse:
         champion.stop()
         raise RuntimeError(f"no champion model loaded within {wait_seconds:.0f} s "
                            f"({champion.last_error or 'is the champion alias set? cxr model approve ...'})")
-    analyse = analyse_with(PredictionService(champion, settings))
+    analyse = analyse_with(PredictionService(champion, settings), site=settings.dicom_site)
     analyse.service = champion  # type: ignore[attr-defined]
     return analyse
