@@ -155,7 +155,10 @@ def test_plots_written(tmp_path):
     ev, curves = evaluate_predictions(y, logits, temperature=1.3, threshold=0.4, patient_ids=np.arange(60),
                                       n_bootstrap=20)
     paths = write_plots(ev, tmp_path, curves)
-    assert [p.name for p in paths] == ["roc.png", "reliability.png", "confusion.png"]
+    names = [p.name for p in paths]
+    # the three summary plots, then P(covid19) reliability overall and per site (issue 13)
+    assert {"roc.png", "reliability.png", "confusion.png"} <= set(names)
+    assert "reliability_covid19.png" in names and any(n.startswith("reliability_covid19_site-") for n in names)
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 

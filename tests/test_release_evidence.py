@@ -58,7 +58,7 @@ def test_prior_shift_correction():
 
 
 def test_dataset_version_check():
-    from models.evaluate import dataset_version_check
+    from models.validation import dataset_version_check
 
     assert dataset_version_check("abc", "abc")["status"] == "match"
     assert dataset_version_check("abc", "def")["status"] == "mismatch"

@@ -40,7 +40,7 @@ def test_trainjob_body_nodes_gpus_runtime_image_and_secrets():
         assert str(tr["resourcesPerNode"][part]["nvidia.com/gpu"]) == "4"
     # torchrun runs the shipped entry function, which calls models.train.train on CUDA with the pipeline's kwargs
     script = _script(body)
-    assert 'torchrun "trainjob.py"' in script and "from models.train import train" in script
+    assert 'torchrun "trainjob.py"' in script and "from pipelines.lifecycle import train_and_record" in script  # audited ranks
     call = script[script.index("cxr_trainjob_entry(**"):].splitlines()[0]
     args = eval(call[len("cxr_trainjob_entry(**"):-1], {})  # the SDK renders the kwargs as a Python literal
     assert args["dataset_name"] == "cohort" and args["job_name"] == body["metadata"]["name"]
