@@ -399,7 +399,19 @@ def test_train_cli_refuses_bad_input_cleanly(state):
 
     from app.cli import root
 
-    res = CliRunner().invoke(root, ["train", "--dataset", "does-not-exist", "--device", "cpu"])
-    assert res.exit_code == 2 and "not found" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(root, ["train", "--dataset", "synthtest", "--modalities", "image,ct"])
+    from compliance.users import UserError, create_user
+
+    pw = "bad-input-researcher-pass-42"
+    try:
+        create_user("bea.badinput", "researcher", pw, actor="test")
+    except UserError:
+        pass  # a rerun on the module's shared state
+    auth = {"input": f"{pw}\n", "env": {"CXR_TOKEN": None}}
+    # unauthenticated: refused before anything else is looked at
+    res = CliRunner().invoke(root, ["train", "--dataset", "synthtest", "--device", "cpu"], env={"CXR_TOKEN": None})
+    assert res.exit_code != 0 and "needs an authenticated user" in res.output and "Traceback" not in res.output
+    who = ["--as", "bea.badinput", "--password-stdin"]
+    res = CliRunner().invoke(root, ["train", "--dataset", "does-not-exist", "--device", "cpu", *who], **auth)
+    assert res.exit_code == 2 and "not found" in res.output and "Traceback" not in res.output, res.output
+    res = CliRunner().invoke(root, ["train", "--dataset", "synthtest", "--modalities", "image,ct", *who], **auth)
     assert res.exit_code == 2

@@ -54,7 +54,7 @@ def _client():
 def _predict(c, api_env):  # noqa: F811
     return c.post("/v1/predictions", headers=api_env.headers("clinician"),
                   files={"image": ("cxr.dcm", make_dicom(rows=128, cols=128), "application/dicom")},
-                  data={"vitals": json.dumps(VITALS), "site": "ward-3"})
+                  data={"vitals": json.dumps(VITALS), "site": "site-a"})
 
 
 def _metrics(text: str) -> dict[str, float]:
@@ -241,7 +241,7 @@ def test_replaced_weights_in_the_model_cache_block_a_restarted_api(served, api_e
         assert httpx.get(url + "/readyz", timeout=5).status_code == 503
         r = httpx.post(url + "/v1/predictions", headers=api_env.headers("clinician"), timeout=30,
                        files={"image": ("cxr.dcm", make_dicom(rows=128, cols=128), "application/dicom")},
-                       data={"vitals": json.dumps(VITALS), "site": "ward-3"})
+                       data={"vitals": json.dumps(VITALS), "site": "site-a"})
         assert r.status_code == 503 and "failed serving verification" in r.json()["detail"]
         assert _alert_fires(tmp_path, m)
         refused = _refusals(v)[before:]
