@@ -272,12 +272,13 @@ class Demo:
         orthanc = Orthanc(self.workdir / "pacs", name="cxr-demo-pacs").start()
         self.pacs_server = orthanc
         port = free_port()
+        row = next(csv.DictReader((cohort / "vitals.csv").open()))
         log = (self.workdir / "logs" / "dicom-listener.log").open("w")
         self.listener = subprocess.Popen(
             [self.cxr, "dicom", "listen", "--host", "127.0.0.1", "--port", str(port), "--ae-title", "CXR-AI",
              "--send-to", orthanc.destination, "--spool", str(self.workdir / "dicom-spool")],
-            env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        row = next(csv.DictReader((cohort / "vitals.csv").open()))
+            env={**self.env, "CXR_DICOM_SITE": row["site"]}, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         ds = pydicom.dcmread(cohort / row["filename"])
         ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -20,7 +20,7 @@ def test_demo_runs_the_whole_lifecycle(tmp_path, monkeypatch):
     text = "\n".join(lines)
     # one readable line per step, in lifecycle order
     order = ["synthetic cohort", "imported as dataset", "Kubeflow pipeline ran locally", "release policy",
-             "approved by", "hospital API serving", "in-distribution predictions", "GET /metrics",
+             "approved by", "hospital API serving", "in-distribution predictions", "PACS", "GET /metrics",
              "new variant batch", "add", "retrained", "compliance report exported", "audit chain verified",
              "API server stopped", "Where everything is"]
     pos = -1
@@ -43,8 +43,14 @@ def test_demo_runs_the_whole_lifecycle(tmp_path, monkeypatch):
     assert "champion" in models["1"]["aliases"] and models["1"]["status"] == "approved", models["1"]
     assert models["2"]["status"] == "candidate" and "champion" not in models["2"]["aliases"], models["2"]
     assert "challenger" in models["2"]["aliases"], models["2"]
-    # both prediction batches (in-distribution and variant, 12 each) are in the report's period
-    assert report["predictions"]["total"] == 24, report["predictions"]
+    # the PACS step (Orthanc is installed by `make test`): one study modality -> listener -> PACS, whose SR and
+    # secondary capture came back into the study
+    from app.dicom.orthanc import which
+
+    if which("Orthanc"):
+        assert results["pacs"]["instances"] >= 2 and "SR" in results["pacs"]["modalities"], results.get("pacs")
+    # both prediction batches (in-distribution and variant, 12 each) and the PACS study are in the report's period
+    assert report["predictions"]["total"] == 24 + (1 if results.get("pacs") else 0), report["predictions"]
     from pypdf import PdfReader
 
     pdf_text = "".join(page.extract_text() or "" for page in PdfReader(pdf).pages)
