@@ -2,13 +2,13 @@
 with nothing lost and its audit chain still verifying; an outdated schema stops the API.
 
 The old database is made by the *release's own code* (``git archive 8bb68d3``, run in a subprocess):
-its users, tokens, audit entries, predictions and outcomes, as its API recorded them.
+its users, tokens, audit entries, predictions and outcomes, as its API recorded them — on SQLite and on
+a real PostgreSQL server (``--db``).
 """
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -57,24 +57,31 @@ def _env(home: Path, project: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _rows(db: Path) -> dict[str, list[tuple]]:
-    con = sqlite3.connect(db)
+def _rows(url: str) -> dict[str, list[tuple]]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
     try:
         out = {}
-        for table, cols in (("users", "name, role, password_hash, active, created_at"),
-                            ("api_tokens", "token_id, token_sha256, user_id, issued_at"),
-                            ("audit_trail", "seq, time_utc, actor, action, details, prev_hash, entry_hash"),
-                            ("predictions", "id, created_at, site, accession_hash, probabilities, p_covid19, decision"),
-                            ("outcomes", "id, prediction_id, confirmed_class, recorded_by, recorded_at")):
-            out[table] = con.execute(f"SELECT {cols} FROM {table} ORDER BY 1").fetchall()
+        with engine.connect() as con:
+            for table, cols in (("users", "name, role, password_hash, active, created_at"),
+                                ("api_tokens", "token_id, token_sha256, user_id, issued_at"),
+                                ("audit_trail", "seq, time_utc, actor, action, details, prev_hash, entry_hash"),
+                                ("predictions", "id, created_at, site, accession_hash, probabilities, p_covid19, decision"),
+                                ("outcomes", "id, prediction_id, confirmed_class, recorded_by, recorded_at")):
+                out[table] = [tuple(r) for r in con.execute(text(f"SELECT {cols} FROM {table} ORDER BY 1"))]
         return out
     finally:
-        con.close()
+        engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def release_db(tmp_path_factory) -> dict:
-    """A database made and filled by the release's own code."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def release_db(tmp_path_factory, request) -> dict:
+    """A database made and filled by the release's own code (SQLite file, or a PostgreSQL database)."""
+    from conftest import selected_backends
+
+    if request.param not in selected_backends(request.config):
+        pytest.skip(f"--db excludes {request.param}")
     have = subprocess.run(["git", "cat-file", "-e", f"{RELEASE}^{{commit}}"], cwd=REPO, capture_output=True)
     if have.returncode != 0:
         pytest.skip(f"commit {RELEASE} is not in this clone's history (shallow clone): cannot build its database")
@@ -86,22 +93,30 @@ def release_db(tmp_path_factory) -> dict:
     home, project = base / "home", base / "project"
     home.mkdir()
     project.mkdir()
+    url = f"sqlite:///{home / 'cxr.db'}"
+    extra = {}
+    if request.param == "postgresql":
+        _, url = request.getfixturevalue("postgres_server").create_database("cxr_release")
+        extra["CXR_DATABASE_URL"] = url
     proc = subprocess.run([sys.executable, "-c", FILL], cwd=release, capture_output=True, text=True, timeout=300,
-                          env=_env(home, project, PYTHONPATH=str(release)))
+                          env=_env(home, project, PYTHONPATH=str(release), **extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"home": home, "project": project, "db": home / "cxr.db", **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {"home": home, "project": project, "url": url, "extra": extra, "backend": request.param,
+            **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def test_the_release_database_has_no_version_table(release_db):
-    con = sqlite3.connect(release_db["db"])
-    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    con.close()
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(release_db["url"])
+    tables = set(inspect(engine).get_table_names())
+    engine.dispose()
     assert {"users", "api_tokens", "audit_trail", "predictions", "outcomes"} <= tables
     assert "cxr_alembic_version" not in tables
 
 
 def test_outdated_schema_is_refused_by_the_code_and_the_api(release_db):
-    env = _env(release_db["home"], release_db["project"])
+    env = _env(release_db["home"], release_db["project"], **release_db["extra"])
     st = subprocess.run([*CXR, "db", "status", "--json"], capture_output=True, text=True, env=env, cwd=REPO,
                         timeout=120)
     assert st.returncode == 1 and json.loads(st.stdout)["state"] == "legacy", st.stdout + st.stderr
@@ -119,15 +134,15 @@ def test_outdated_schema_is_refused_by_the_code_and_the_api(release_db):
 
 
 def test_upgrade_keeps_every_row_and_the_chain_verifies(release_db):
-    env = _env(release_db["home"], release_db["project"])
-    before = _rows(release_db["db"])
+    env = _env(release_db["home"], release_db["project"], **release_db["extra"])
+    before = _rows(release_db["url"])
     assert len(before["audit_trail"]) >= 6 and len(before["predictions"]) == 3 and len(before["outcomes"]) == 1
     up = subprocess.run([*CXR, "db", "upgrade"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert up.returncode == 0, up.stderr[-3000:]
     from core.migrate import head_revision
 
     assert f"→ {head_revision()}" in up.stdout
-    assert _rows(release_db["db"]) == before  # nothing lost, nothing changed
+    assert _rows(release_db["url"]) == before  # nothing lost, nothing changed
     st = subprocess.run([*CXR, "db", "status", "--json"], capture_output=True, text=True, env=env, cwd=REPO,
                         timeout=120)
     assert st.returncode == 0 and json.loads(st.stdout)["state"] == "current"
@@ -154,8 +169,11 @@ def test_upgrade_keeps_every_row_and_the_chain_verifies(release_db):
     from core.config import reset_settings
     from core.db import dispose_engines
 
-    old = {k: os.environ.get(k) for k in ("CXR_HOME", "CXR_PROJECT_ROOT")}
-    os.environ.update(CXR_HOME=str(release_db["home"]), CXR_PROJECT_ROOT=str(release_db["project"]))
+    old = {k: os.environ.get(k) for k in ("CXR_HOME", "CXR_PROJECT_ROOT", "CXR_DATABASE_URL")}
+    os.environ.update(CXR_HOME=str(release_db["home"]), CXR_PROJECT_ROOT=str(release_db["project"]),
+                      **release_db["extra"])
+    if not release_db["extra"]:
+        os.environ.pop("CXR_DATABASE_URL", None)
     dispose_engines()
     reset_settings()
     try:
