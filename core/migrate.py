@@ -135,6 +135,25 @@ def _upgrade_locked(engine: Engine, revision: str = "head") -> dict:
             "to": status(engine)["current"]}
 
 
+def _create_at_head(engine: Engine) -> None:
+    """An empty database: the tables as ``core.schema`` defines them, stamped at the head revision.
+
+    Alembic's recipe for a fresh database, done without Alembic's runtime: its ``EnvironmentContext``
+    keeps module-global proxies that are not thread-safe, and a server process may create its database
+    in one thread while MLflow runs its own Alembic migrations in another. ``tests/test_migrations.py``
+    checks that the migrations build exactly these tables, so both paths give one schema.
+    """
+    from sqlalchemy import Column, MetaData, String, Table
+
+    from core.schema import Base
+
+    version = Table(VERSION_TABLE, MetaData(), Column("version_num", String(32), primary_key=True))
+    with engine.begin() as conn:
+        Base.metadata.create_all(conn)
+        version.create(conn)
+        conn.execute(version.insert().values(version_num=head_revision()))
+
+
 def ensure_schema(engine: Engine) -> None:
     """On first use: create an empty database; refuse an outdated one (``SchemaOutdated``)."""
     st = status(engine)
@@ -143,7 +162,7 @@ def ensure_schema(engine: Engine) -> None:
     if st["state"] == "empty":
         with _migration_lock(engine):
             if status(engine)["state"] == "empty":  # another process may have created it meanwhile
-                _upgrade_locked(engine)
+                _create_at_head(engine)
         return
     if st["state"] == "ahead":
         raise SchemaOutdated(f"the app database is at schema revision {st['current']}, newer than this code's "
