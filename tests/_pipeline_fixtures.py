@@ -64,3 +64,15 @@ def import_cohort(tmp: Path, name: str = "cohort", *, patients: int = 30, seed: 
     import_dataset(src, name, seed=seed, actor="rita", quiet=True, workers=1)
     commit_all(project, f"import {name}")
     return dataset_version(name)
+
+
+def researcher_env(name: str = "rita") -> dict[str, str]:
+    """``CXR_TOKEN`` of a researcher (created when missing): governed commands (``pipeline run``,
+    ``reproduce``) authenticate the person they name."""
+    from compliance.users import UserError, create_user, issue_token
+
+    try:
+        create_user(name, "researcher", "pipeline-researcher-pass-17", actor="test")
+    except UserError:
+        pass  # already there
+    return {"CXR_TOKEN": issue_token(name, actor="test")}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from tests._pipeline_fixtures import TINY, TINY_VALIDATION, import_cohort
+from tests._pipeline_fixtures import TINY, TINY_VALIDATION, import_cohort, researcher_env
 
 
 def _artifact(client, run_id: str, path: str):
@@ -99,7 +99,8 @@ def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage
     assert verify_chain().ok
 
     # reproduce from the recorded lineage (same data version, parameters, seed) within tolerance
-    res = CliRunner().invoke(root, ["reproduce", state["training_run_id"], "--tolerance", "0.02", "--json"])
+    res = CliRunner().invoke(root, ["reproduce", state["training_run_id"], "--tolerance", "0.02", "--json"],
+                             env=researcher_env())
     assert res.exit_code == 0, res.output
     out, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{"):])
     assert out["within_tolerance"] and out["dataset_version"] == version["dataset_version"]
@@ -109,9 +110,10 @@ def test_local_run_registers_a_challenger_with_evaluation_comparison_and_lineage
 def test_run_without_local_or_with_a_missing_dataset_fails_clearly(cxr_env: Path) -> None:
     from app.cli import root
 
-    res = CliRunner().invoke(root, ["pipeline", "run"])
+    env = researcher_env()
+    res = CliRunner().invoke(root, ["pipeline", "run"], env=env)
     assert res.exit_code == 2 and "submit --host" in res.output
-    res = CliRunner().invoke(root, ["pipeline", "run", "--local", "--dataset", "nope"])
+    res = CliRunner().invoke(root, ["pipeline", "run", "--local", "--dataset", "nope"], env=env)
     assert res.exit_code == 1 and "pipeline run failed" in res.output
     assert "Traceback" not in res.output.split("pipeline run failed")[-1]
 
@@ -135,5 +137,5 @@ def test_reproduce_comparison_flags_metrics_outside_the_tolerance() -> None:
 def test_reproduce_unknown_run_fails_clearly(cxr_env: Path) -> None:
     from app.cli import root
 
-    res = CliRunner().invoke(root, ["reproduce", "0123456789abcdef0123456789abcdef"])
+    res = CliRunner().invoke(root, ["reproduce", "0123456789abcdef0123456789abcdef"], env=researcher_env())
     assert res.exit_code == 1 and "not found" in res.output and "Traceback" not in res.output

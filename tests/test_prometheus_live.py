@@ -73,7 +73,12 @@ def _close(a: float, b: float) -> bool:
 
 @pytest.fixture()
 def metrics_target():
+    """The process's metrics on a real HTTP endpoint; these sites are the test's own: the API's
+    configured-sites filter (installed by any app built earlier in this process) is off meanwhile."""
     from prometheus_client import start_http_server
+
+    saved = m._site_filter
+    m.set_site_filter(None)
 
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=m.REGISTRY)
@@ -81,6 +86,7 @@ def metrics_target():
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+    m.set_site_filter(saved)
 
 
 def test_real_prometheus_confusion_matrix_alerts_and_dashboards(metrics_target, prometheus_factory):  # noqa: F811

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests._pipeline_fixtures import TINY_VALIDATION, commit_all, git, init_project, synth
+from tests._pipeline_fixtures import TINY_VALIDATION, commit_all, git, init_project, researcher_env, synth
 
 VARIANT = os.environ.get("CXR_TEST_VARIANT", "omicron")
 BASE_PATIENTS = int(os.environ.get("CXR_TEST_BASE_PATIENTS", "80"))
@@ -163,7 +163,8 @@ def test_variant_retraining_story(cxr_env: Path, monkeypatch: pytest.MonkeyPatch
 
     # `cxr reproduce` of the champion's run: its dataset version (v0) is no longer the working copy, so
     # it is checked out from DVC beside it, re-trained with the recorded parameters and seed, compared
-    res = CliRunner().invoke(root, ["reproduce", champ["run_id"], "--tolerance", "0.02", "--json"])
+    res = CliRunner().invoke(root, ["reproduce", champ["run_id"], "--tolerance", "0.02", "--json"],
+                             env=researcher_env())
     assert res.exit_code == 0, res.output
     repro, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{"):])
     assert repro["within_tolerance"] and repro["dataset_version"] == v0["dataset_version"]
