@@ -94,6 +94,13 @@ def test_nproc_on_cuda_without_gpus_is_a_clear_error(monkeypatch):
 
 
 def _cxr_train(env: dict, *args: str) -> dict:
+    from compliance.users import UserError, create_user, issue_token
+
+    try:  # `cxr train` is a governed action: the trainer authenticates (a researcher's token)
+        create_user("ddp.researcher", "researcher", "ddp-researcher-pass-2026", actor="test")
+    except UserError:
+        pass
+    env = {**env, "CXR_TOKEN": issue_token("ddp.researcher", actor="test")}
     proc = subprocess.run([sys.executable, "-c", "from app.cli import main; main()", "train", *args],
                           capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-4000:]
