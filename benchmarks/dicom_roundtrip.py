@@ -34,15 +34,6 @@ LISTENER_AET = "CXR-AI"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def _start_listener(home: Path, destination: str, port: int, log: Path) -> subprocess.Popen:
     from pacs_fixtures import echoscu
 
@@ -135,7 +126,7 @@ def main() -> None:
         args.size, args.samples = 256, 4
     home = args.home or Path(tempfile.mkdtemp(prefix="cxr-dicom-bench-"))
 
-    from api_latency import _ensure_champion, _ensure_users, _setup_env
+    from api_latency import _ensure_champion, _ensure_users, _pct, _setup_env
 
     _setup_env(home)
     from pacs_fixtures import Orthanc, ensure_tools, free_port
