@@ -57,7 +57,8 @@ def phash_of_array(arr):
 
 
 def write_synthetic_dataset(project_root: Path, name: str = "synthtest", *, n_patients: int = 90, seed: int = 0,
-                            n_unlabeled: int = 4, site: str = "site-a", variant: str = "") -> Path:
+                            n_unlabeled: int = 4, site: str = "site-a", variant: str = "",
+                            source: str = "synthetic") -> Path:
     rng = np.random.default_rng(seed)
     root = Path(project_root) / "data" / name
     (root / "arrays").mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def write_synthetic_dataset(project_root: Path, name: str = "synthtest", *, n_pa
             h = hashlib.sha256(arr.tobytes()).hexdigest()
             np.save(root / "arrays" / f"{h}.npy", arr)
             rows.append({"image_hash": h, "phash": phash_of_array(arr), "patient_id": pid, "split": split, "label": label,
-                         "view": "PA" if rng.random() < 0.7 else "AP", "site": site, "source": "synthetic",
+                         "view": "PA" if rng.random() < 0.7 else "AP", "site": site, "source": source,
                          "variant": variant, "sex": "M" if rng.random() < 0.5 else "F",
                          **synth_vitals(label, rng), "study_date": "2020-03-01", "array_path": f"arrays/{h}.npy"})
     for u in range(n_unlabeled):
@@ -80,7 +81,7 @@ def write_synthetic_dataset(project_root: Path, name: str = "synthtest", *, n_pa
         h = hashlib.sha256(arr.tobytes()).hexdigest()
         np.save(root / "arrays" / f"{h}.npy", arr)
         rows.append({"image_hash": h, "phash": "", "patient_id": f"unl{u}", "split": "train", "label": "unlabeled", "view": "PA",
-                     "site": site, "source": "synthetic", "variant": variant, "sex": "unknown",
+                     "site": site, "source": source, "variant": variant, "sex": "unknown",
                      **{f: np.nan for f in FIELDS}, "study_date": "2020-03-01", "array_path": f"arrays/{h}.npy"})
     pd.DataFrame(rows).to_parquet(root / "manifest.parquet", index=False)
     pd.DataFrame(columns=["source_row", "reason", "code"]).to_csv(root / "rejected.csv", index=False)

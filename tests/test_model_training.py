@@ -394,11 +394,80 @@ def test_copy_of_training_folder_is_not_external_validation(state):
     assert "synthcopy not counted (internal:" in crit["note"] and "identical to training images" in crit["note"]
 
 
+def test_perfect_small_external_set_gets_exact_intervals_and_fails_the_gate(state):
+    """Issue 13, through the real CLI: on a small external set where the model is right on every
+    patient (5 with COVID-19, 5 without), `cxr evaluate` prints intervals no narrower than the exact
+    (Clopper-Pearson) ones on patient counts, and `cxr model check --json` fails the release on them:
+    a perfect score on ten patients is not evidence (the old percentile bootstrap printed [1, 1])."""
+    import re
+
+    from scipy.stats import beta
+    from typer.testing import CliRunner
+
+    from app.cli import root
+    from models.datasets import load_dataset
+    from models.provenance import near_pairs
+    from models.registry import load_clinical_model
+
+    name, n_each = "perfectext", 5
+    folder = state["project"] / "data" / name
+    if not (folder / "meta.perfect").exists():
+        # another hospital's cases (own source and site) from the training generator, then the five
+        # patients per class the model gets right with the widest margin: a set where it is perfect
+        write_synthetic_dataset(state["project"], name, n_patients=180, seed=21, n_unlabeled=0,
+                                site="site-partner", source="partner-hospital")
+        ds = load_dataset(name)
+        man = ds.manifest
+        model = load_clinical_model("1")
+        scored = [o["p_covid19"] for o in model.predict([ds.array(r) for _, r in man.iterrows()],
+                                                        man.to_dict("records"))]
+        # this generator draws similar pictures: leave out any patient with an image the provenance check
+        # would call a near-duplicate of a training image (the set must count as external)
+        train_hashes = load_dataset("synthtest").manifest["phash"].tolist()
+        near = {man.iloc[i]["patient_id"] for i, _, _ in near_pairs(man["phash"].tolist(), train_hashes)}
+        per_patient = man.assign(p=scored).groupby("patient_id").agg(label=("label", "first"), lo=("p", "min"),
+                                                                     hi=("p", "max")).drop(index=list(near))
+        t = model.operating_threshold
+        pos = per_patient[(per_patient["label"] == "covid19") & (per_patient["lo"] >= t)].nlargest(n_each, "lo")
+        neg = per_patient[(per_patient["label"] != "covid19") & (per_patient["hi"] < t)].nsmallest(n_each, "hi")
+        assert len(pos) == n_each and len(neg) == n_each, f"too few separable patients: {len(pos)}, {len(neg)}"
+        man[man["patient_id"].isin({*pos.index, *neg.index})].to_parquet(folder / "manifest.parquet", index=False)
+        (folder / "meta.perfect").write_text("selected\n")
+
+    out = state["base"] / "perfect" / "evaluation.json"
+    res = CliRunner().invoke(root, ["evaluate", "--model-version", "1", "--dataset", name, "--out", str(out),
+                                    "--bootstrap", "200", "--as", "rita.researcher"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(out.read_text())
+    assert ev["evaluation_role"] == "external", ev.get("provenance")
+    c = ev["covid19_vs_rest"]
+    assert c["auroc"]["value"] == 1.0 and c["sensitivity"]["value"] == 1.0 and c["specificity"]["value"] == 1.0
+    assert ev["n_patients_covid19"] == n_each and ev["n_patients_not_covid19"] == n_each
+    exact_low = float(beta.ppf(0.025, n_each, 1))  # Clopper-Pearson lower bound for 5 of 5: 0.478
+    printed = {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4))) for m in re.finditer(
+        r"^\s+(auroc|sensitivity|specificity)\s+([0-9.]+) \[([0-9.]+), ([0-9.]+)\]", res.output, re.M)}
+    assert set(printed) == {"auroc", "sensitivity", "specificity"}, res.output
+    for k in ("sensitivity", "specificity"):
+        value, low, high = printed[k]
+        assert value == 1.0 and high == 1.0
+        assert low <= round(exact_low, 3) + 1e-9, f"{k} lower bound {low} narrower than exact {exact_low:.3f}"
+        assert c[k]["ci_low"] <= exact_low + 1e-9 and c[k]["bootstrap_ci_low"] == 1.0  # what the old gate read
+    assert printed["auroc"][1] < 0.70 and c["auroc"]["ci_low"] < 0.70  # no collapse to [1, 1] either
+    assert "Clopper-Pearson" in res.output
+
+    chk = CliRunner().invoke(root, ["model", "check", "1", "--json", "--as", "rita.researcher"])
+    check = json.loads(chk.output[chk.output.find("{"):])
+    assert check["passed"] is False
+    crit = {x["id"]: x for x in check["criteria"]}["external-validation"]
+    assert crit["passed"] is False and "external-validation" in check["failed_criteria"]
+    m = re.search(rf"{name}=([0-9.]+)", crit["note"])
+    assert m and float(m.group(1)) == pytest.approx(c["auroc"]["ci_low"], abs=1e-4), crit["note"]
+
+
 def test_train_cli_refuses_bad_input_cleanly(state):
     from typer.testing import CliRunner
 
     from app.cli import root
-
     from compliance.users import UserError, create_user
 
     pw = "bad-input-researcher-pass-42"
