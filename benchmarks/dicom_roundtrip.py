@@ -56,10 +56,9 @@ def _start_listener(home: Path, destination: str, port: int, log: Path) -> subpr
 
 def _one(orthanc, port: int, workdir: Path, index: int, size: int, timeout: float) -> float:
     import pydicom
+    from pacs_fixtures import chest_file
     from pydicom.uid import generate_uid
     from pynetdicom import AE
-
-    from pacs_fixtures import chest_file
 
     study = generate_uid()
     src = chest_file(workdir / f"b{index}.dcm", study_uid=study, index=index, size=size)

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +146,22 @@ def api_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ------------------------------------------------------------------ in-process app
+@contextmanager
+def started_client(settings=None, model_service=None, ready_timeout: float = 120.0) -> Iterator:
+    """A FastAPI TestClient on a fresh app whose lifespan ran and whose champion is loaded
+    (the app's model service ready), for the session's API environment."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    app = create_app(settings, model_service=model_service) if model_service is not None else create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        svc = app.state.model_service
+        assert svc.wait_ready(ready_timeout), svc.last_error
+        yield c
 
 
 # ------------------------------------------------------------------ real uvicorn server helpers

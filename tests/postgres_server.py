@@ -94,7 +94,7 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         if os.geteuid() == 0:
             try:
-                pw = pwd.getpwnam(SUPERUSER)
+                pwd.getpwnam(SUPERUSER)  # the system user must exist: the server runs as it
             except KeyError as exc:
                 raise PostgresUnavailable("running as root and there is no 'postgres' system user to run "
                                           "the server as (PostgreSQL refuses to run as root)") from exc

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from api_fixtures import api_env  # noqa: F401
+from api_fixtures import api_env, started_client  # noqa: F401
 from dicom_factory import FAKE_PATIENT_NAME, make_dicom
 
 GOOD_VITALS = json.dumps({"temperature_c": 37.1, "age_years": 44})
@@ -90,14 +90,9 @@ def test_expected_covers_every_case():
 
 @pytest.fixture(scope="module")
 def client(api_env):  # noqa: F811
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
     from core.config import Settings
 
-    app = create_app(Settings(max_upload_bytes=300_000))
-    with TestClient(app, raise_server_exceptions=False) as c:
-        assert app.state.model_service.wait_ready(120)
+    with started_client(Settings(max_upload_bytes=300_000)) as c:
         yield c
 
 

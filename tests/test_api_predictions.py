@@ -5,7 +5,7 @@ import io
 import json
 
 import pytest
-from api_fixtures import api_env  # noqa: F401
+from api_fixtures import api_env, started_client  # noqa: F401
 from dicom_factory import make_dicom
 
 pytestmark = pytest.mark.app_databases  # the session's API environment on SQLite and on PostgreSQL
@@ -16,13 +16,7 @@ VITALS = {"temperature_c": 38.4, "spo2_percent": 91, "heart_rate_bpm": 104, "res
 
 @pytest.fixture(scope="module")
 def client(api_env):  # noqa: F811
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    app = create_app()
-    with TestClient(app, raise_server_exceptions=False) as c:
-        assert app.state.model_service.wait_ready(120), app.state.model_service.last_error
+    with started_client() as c:
         yield c
 
 

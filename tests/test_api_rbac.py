@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from api_fixtures import ROLES, api_env  # noqa: F401
+from api_fixtures import ROLES, api_env, started_client  # noqa: F401
 from dicom_factory import make_dicom
 
 pytestmark = pytest.mark.app_databases  # the session's API environment on SQLite and on PostgreSQL
@@ -28,13 +28,7 @@ OPEN = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
 
 @pytest.fixture(scope="module")
 def ctx(api_env):  # noqa: F811
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    app = create_app()
-    with TestClient(app, raise_server_exceptions=False) as c:
-        assert app.state.model_service.wait_ready(120)
+    with started_client() as c:
         r = c.post("/v1/predictions", headers=api_env.headers("clinician"),
                    files={"image": ("a.dcm", make_dicom(), "application/dicom")}, data={"vitals": "{}"})
         assert r.status_code == 200, r.text

@@ -10,7 +10,7 @@ import json
 
 import pydicom
 import pytest
-from api_fixtures import api_env  # noqa: F401
+from api_fixtures import api_env, started_client  # noqa: F401
 from dicom_factory import make_dicom
 
 VITALS = {"temperature_c": 38.4, "spo2_percent": 91, "heart_rate_bpm": 104, "respiratory_rate": 24,
@@ -19,13 +19,7 @@ VITALS = {"temperature_c": 38.4, "spo2_percent": 91, "heart_rate_bpm": 104, "res
 
 @pytest.fixture(scope="module")
 def client(api_env):  # noqa: F811
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    app = create_app()
-    with TestClient(app, raise_server_exceptions=False) as c:
-        assert app.state.model_service.wait_ready(120), app.state.model_service.last_error
+    with started_client() as c:
         yield c
 
 

@@ -17,8 +17,8 @@ def test_train_and_register_with_mlflow_on_postgres(cxr_env, postgres_server, mo
     from compliance.audit import list_events, verify_chain
     from core.config import get_settings, reset_settings
     from models.registry import get_model_version, load_clinical_model
-    from pipelines.lifecycle import train_and_record as train  # the audited lifecycle step
     from pipelines.ingest import import_dataset
+    from pipelines.lifecycle import train_and_record as train  # the audited lifecycle step
     from pipelines.synth import synthesize_cohort
 
     _, mlflow_url = postgres_server.create_database("mlflow")
