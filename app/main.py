@@ -27,6 +27,15 @@ from core.config import Settings, get_settings
 log = logging.getLogger("cxr.api")
 
 
+def _keep_uploads_in_memory_up_to(n_bytes: int) -> None:
+    """Multipart parts up to ``n_bytes`` stay in memory (``Settings.upload_memory_bytes``). FastAPI
+    parses the form itself, so the only hook is the parser class's spool limit (process-wide: the
+    last app built in a process sets it; a server process builds one)."""
+    from starlette.formparsers import MultiPartParser
+
+    MultiPartParser.spool_max_size = max(int(n_bytes), 1024 * 1024)
+
+
 def create_app(settings: Settings | None = None, *, model_service=None) -> FastAPI:
     """Build the API. ``settings`` gives the limits (upload bytes, image pixels, cache size) and the
     champion poll interval; state (database, MLflow) is located by ``get_settings()`` as everywhere
@@ -85,6 +94,7 @@ def create_app(settings: Settings | None = None, *, model_service=None) -> FastA
     # innermost first. Request order: audit/metrics (sees the final status) → authentication gate
     # (401/429 before any body byte is read) → upload limit (413 while streaming) → routes
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    _keep_uploads_in_memory_up_to(settings.upload_memory_bytes)
     app.add_middleware(AuthGateMiddleware, burst=settings.auth_fail_burst, per_minute=settings.auth_fail_per_minute)
     app.add_middleware(RequestAuditMiddleware)
     from app import metrics

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
 
     max_image_pixels: int = 40_000_000  # decompression-bomb guard (rows * columns)
     max_upload_bytes: int = 64 * 1024 * 1024
+    # A multipart image part up to this size stays in memory; beyond it, it spools to a temporary
+    # file. Starlette writes a spooled part through the thread pool one 64 KiB chunk at a time (a
+    # thread hop per chunk: ~10 ms of an 8 MiB upload on 2 cores). Memory held per request in flight
+    # is bounded by this value; only authenticated callers get past the gate that precedes the body.
+    upload_memory_bytes: int = 16 * 1024 * 1024
     cache_image_size: int = 256  # side of the cached preprocessed array (pixels)
     # JPEG 2000 uploads decoded at the lowest wavelet level that still covers cache_image_size
     # (models.preprocessing.decode_dicom(target_size=...)); CXR_REDUCED_DECODE=0 forces full decoding

@@ -190,3 +190,21 @@ def test_model_health_metrics(client, api_env):  # noqa: F811
     assert report["predictions"]["total"] >= 1, report["predictions"]
     assert report["predictions"]["total"] == sum(p["n"] for p in report["predictions"]["by_model_site"])
     assert api_env.version in {p["model_version"] for p in report["predictions"]["by_model_site"]}
+
+
+def test_upload_parts_stay_in_memory_up_to_the_configured_size(api_env):  # noqa: F811
+    """An image part up to ``upload_memory_bytes`` is parsed in memory (no thread-pool hop per 64 KiB
+    chunk of a spooled file); never below Starlette's own 1 MiB."""
+    from starlette.formparsers import MultiPartParser
+
+    from app.main import create_app
+    from core.config import Settings
+
+    try:
+        create_app(Settings(upload_memory_bytes=4 << 20))
+        assert MultiPartParser.spool_max_size == 4 << 20
+        create_app(Settings(upload_memory_bytes=10))
+        assert MultiPartParser.spool_max_size == 1 << 20
+    finally:
+        create_app()
+    assert MultiPartParser.spool_max_size == Settings().upload_memory_bytes == 16 << 20

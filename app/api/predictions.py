@@ -3,8 +3,8 @@
 Thin: the prediction itself is ``app.services.predictions.PredictionService`` (shared with the
 DICOM entry points). The endpoints are plain ``def`` functions: FastAPI runs them in its thread
 pool, so DICOM decoding and inference never block the event loop. The upload limit is enforced by
-``app.problems.UploadLimitMiddleware`` while the body streams in (multipart file parts spool to a
-temporary file beyond 1 MiB, so the upload is not held in memory twice).
+``app.problems.UploadLimitMiddleware`` while the body streams in; an image part stays in memory up to
+``Settings.upload_memory_bytes`` (16 MiB) and spools to a temporary file beyond it.
 """
 from __future__ import annotations
 
