@@ -60,3 +60,26 @@ def test_import_split_is_identical_across_installs_and_hash_seeds(tmp_path):
     assert runs[0]["patients"] != runs[1]["patients"]  # different keys → different pseudonyms ...
     assert runs[0]["split"] == runs[1]["split"]        # ... and still the same split, row for row
     assert {s for _, s in runs[0]["split"]} == {"train", "val", "test"}
+
+
+def test_patient_bootstrap_intervals_do_not_depend_on_the_pseudonyms():
+    """The same cases, seed and row order under another install's pseudonyms: identical intervals."""
+    import numpy as np
+
+    from models.prevalence import ppv_npv_at_prevalences
+    from models.statistics import binary_calibration, cluster_codes
+
+    rng = np.random.default_rng(3)
+    n_pat = 60
+    patient = np.repeat(np.arange(n_pat), 2)
+    y = np.repeat(rng.random(n_pat) < 0.4, 2)
+    p = np.clip(0.35 * y + rng.uniform(0, 0.65, len(y)), 0, 1)
+    ids_a = [f"p-{(k * 7919) % 10007:05d}" for k in patient]   # one key's pseudonyms ...
+    ids_b = [f"p-{(k * 104729) % 10009:05d}" for k in patient]  # ... another's: another sort order
+    # the two keys sort the patients differently
+    assert [ids_a.index(i) for i in sorted(set(ids_a))] != [ids_b.index(i) for i in sorted(set(ids_b))]
+    assert cluster_codes(["b", "a", "b", "c"])[1].tolist() == [0, 1, 0, 2]
+    a = ppv_npv_at_prevalences(y, p, 0.5, ids_a, n_bootstrap=200, seed=1)
+    b = ppv_npv_at_prevalences(y, p, 0.5, ids_b, n_bootstrap=200, seed=1)
+    assert a == b
+    assert binary_calibration(p, y, ids_a, n_bootstrap=200) == binary_calibration(p, y, ids_b, n_bootstrap=200)
