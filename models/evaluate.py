@@ -42,6 +42,7 @@ from models.statistics import (
     PROPORTION_METHOD,
     auroc_interval,
     binary_calibration,
+    cluster_codes,
     clustered_proportion,
     reliability_bins,
 )
@@ -167,10 +168,10 @@ def _bootstrap(y: np.ndarray, p: np.ndarray, thr: float, patients: np.ndarray, n
                seed: int) -> dict[str, list[float]]:
     """Resample patients with replacement; each image is weighted by its patient's draw count."""
     rng = np.random.default_rng(seed)
-    uniq, inv = np.unique(patients, return_inverse=True)
+    n_patients, inv = cluster_codes(patients)  # first-appearance order: not the pseudonyms' sort order
     samples: dict[str, list[float]] = {k: [] for k in ("auroc", "sensitivity", "specificity", "ppv", "npv")}
     for _ in range(n_boot):
-        counts = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(float)
+        counts = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients).astype(float)
         m = _binary_metrics(y, p, thr, counts[inv])
         for k, v in m.items():
             samples[k].append(np.nan if v is None else v)

@@ -55,8 +55,9 @@ def ppv_npv_at_prevalences(is_covid, p_covid, threshold: float, patient_ids, *,
     "method"}``; values are None when a class is absent."""
     y = np.asarray(is_covid, dtype=bool)
     pred = np.asarray(p_covid, dtype=float) >= threshold
-    _, inv = np.unique(np.asarray([str(p) for p in patient_ids], dtype=object), return_inverse=True)
-    k = int(inv.max()) + 1 if len(inv) else 0
+    from models.statistics import cluster_codes
+
+    k, inv = cluster_codes(patient_ids)  # first-appearance order: not the pseudonyms' sort order
 
     def sens_spec(w):
         tp, fn = (w * (pred & y)).sum(), (w * (~pred & y)).sum()

@@ -219,7 +219,11 @@ def _probe(X, target, label, patients, seed: int, n_bootstrap: int) -> dict:
     n_splits = int(min(5, np.bincount(y).min(), len(np.unique(patients))))
     if n_splits < 2:
         return {"value": None, "ci_low": None, "ci_high": None, "note": "too few patients per value for 2 folds"}
-    folds = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(X, y, patients))
+    # groups as first-appearance codes: the seeded fold shuffle must not depend on the pseudonyms' sort order
+    from models.statistics import cluster_codes
+
+    groups = cluster_codes(patients)[1]
+    folds = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(X, y, groups))
     pred_img, pred_lab = np.zeros(len(y), int), np.zeros(len(y), int)
     lab = OneHotEncoder(handle_unknown="ignore").fit(label.reshape(-1, 1))
     L = lab.transform(label.reshape(-1, 1)).toarray()
@@ -236,8 +240,7 @@ def _probe(X, target, label, patients, seed: int, n_bootstrap: int) -> dict:
         rec = [(w * ((y == c) & (pred == c))).sum() / (w * (y == c)).sum() for c in range(k) if (w * (y == c)).sum() > 0]
         return float(np.mean(rec)) if rec else np.nan
 
-    _, inv = np.unique(patients, return_inverse=True)
-    n_p = int(inv.max()) + 1
+    n_p, inv = cluster_codes(patients)  # first-appearance order: not the pseudonyms' sort order
     rng = np.random.default_rng(seed)
     bi, bl = [], []
     for _ in range(n_bootstrap):

@@ -62,6 +62,23 @@ def _z(confidence: float) -> float:
     return float(norm.ppf(0.5 + confidence / 2))
 
 
+def cluster_codes(clusters: Sequence[Any] | np.ndarray) -> tuple[int, np.ndarray]:
+    """(number of clusters, code per row), codes numbered in order of FIRST APPEARANCE.
+
+    For patient-bootstrap resampling: the i-th draw of a seeded RNG must pick the same patient
+    whatever that patient's id. ``np.unique`` numbers ids in sorted order, and patient ids are keyed
+    pseudonyms (install-specific): the same data and seed would give another interval on another
+    install. First appearance follows the rows' order (the manifest keeps the source's order).
+    """
+    ids = np.asarray([str(c) for c in clusters], dtype=object)
+    if not len(ids):
+        return 0, np.zeros(0, dtype=int)
+    _, first, inv = np.unique(ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=int)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return int(len(first)), rank[inv.reshape(-1)]
+
+
 # ------------------------------------------------------------------------------- proportions
 def clopper_pearson(x: float, n: float, confidence: float = CONFIDENCE) -> tuple[float | None, float | None]:
     """Exact (Clopper–Pearson) interval for ``x`` successes in ``n`` trials; accepts non-integer
@@ -276,10 +293,10 @@ def binary_calibration(p: np.ndarray, y: np.ndarray, patients: Sequence[str] | n
     lo = hi = None
     if ece is not None and n_bootstrap >= 10:
         rng = np.random.default_rng(seed + 7)
-        uniq, inv = np.unique(patients.astype(str), return_inverse=True)
+        n_patients, inv = cluster_codes(patients)
         vals = []
         for _ in range(n_bootstrap):
-            cnt = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(float)
+            cnt = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients).astype(float)
             v = binary_ece(p, y, n_bins, cnt[inv])
             if v is not None:
                 vals.append(v)

@@ -37,6 +37,7 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
@@ -456,23 +457,32 @@ class _UnionFind:
 
 
 def assign_splits(groups: dict[str, tuple[str, int]], seed: int,
-                  fractions: tuple[float, ...] = SPLIT_FRACTIONS) -> dict[str, str]:
+                  fractions: tuple[float, ...] = SPLIT_FRACTIONS,
+                  order: Sequence[str] | None = None) -> dict[str, str]:
     """Split patient groups {group: (stratum label, n images)} into train/val/test.
 
     Stratified by the group's label; groups are shuffled with the seed, then each goes to the
     split furthest below its target share of images within the stratum.
+
+    ``order``: the groups' canonical order before the seeded shuffle (default: sorted ids). The
+    import passes the source's own order (first source row of each group): group ids are keyed
+    pseudonyms, and sorting them would make the split depend on the install's pseudonym key — the
+    same data and seed would give a different split on another install.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, str] = {}
+    order = list(sorted(groups) if order is None else order)
+    if sorted(order) != sorted(groups):
+        raise ValueError("order must list every group exactly once")
     by_stratum: dict[str, list[str]] = {}
-    for g, (label, _) in sorted(groups.items()):
-        by_stratum.setdefault(label, []).append(g)
+    for g in order:
+        by_stratum.setdefault(groups[g][0], []).append(g)
     for label in sorted(by_stratum):
         members = by_stratum[label]
-        order = rng.permutation(len(members))
+        perm = rng.permutation(len(members))
         counts = [0] * len(SPLITS)
         total = 0
-        for j in order:
+        for j in perm:
             g = members[j]
             n = groups[g][1]
             total += n
@@ -480,8 +490,8 @@ def assign_splits(groups: dict[str, tuple[str, int]], seed: int,
             k = int(np.argmax(deficits))
             counts[k] += n
             out[g] = SPLITS[k]
-        _fill_empty_splits(out, [members[j] for j in order], groups)
-    _fill_empty_splits(out, sorted(groups), groups)
+        _fill_empty_splits(out, [members[j] for j in perm], groups)
+    _fill_empty_splits(out, order, groups)
     return out
 
 
@@ -669,7 +679,11 @@ def _ingest(source: Path, *, seed: int, batch: int, tag: str | None, workers: in
         labels = Counter(m["label"] for m in members if m["label"] != "unlabeled")
         stratum = labels.most_common(1)[0][0] if labels else "unlabeled"
         group_info[g] = (stratum, len(members))
-    splits = assign_splits(group_info, seed)
+    # the source's row order, not the (keyed, install-specific) pseudonyms, orders the groups
+    first_row = {}
+    for r in accepted:
+        first_row.setdefault(uf.find(r["patient_id"]), (r["batch"], r["source_row"]))
+    splits = assign_splits(group_info, seed, order=sorted(group_info, key=lambda g: first_row[g]))
     splits.update(existing_split)
     arrays: dict[int, np.ndarray] = {}
     manifest_rows = []
