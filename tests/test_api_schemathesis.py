@@ -18,12 +18,16 @@ MAX_EXAMPLES = 40 if os.environ.get("CXR_LONG_TESTS") == "1" else 5
 
 
 # The app is built at import (building it touches no state); the session fixture then points the
-# settings at its own CXR_HOME before the champion holder starts. (schemathesis' from_fixture does
-# not work with pytest 9, so the schema is loaded from the ASGI app directly.)
+# settings at its own CXR_HOME before the champion holder starts. The schema is the app's own OpenAPI
+# document, taken without a request: ``from_asgi`` would run the app's lifespan at collection time,
+# starting a champion poller and an audit checkpointer outside any test's isolated state (they then
+# wrote into other tests' CXR_HOME and audit trail until they stopped). (schemathesis' from_fixture
+# does not work with pytest 9.)
 from app.main import create_app  # noqa: E402
 
 APP = create_app()
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+schema = schemathesis.openapi.from_dict(APP.openapi())
+schema.app = APP  # calls go to the app in process (ASGI), as with from_asgi
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,9 @@ class ModelService:
         self._keep = keep
         self._image_size = image_size
         self._lock = threading.Lock()
+        # one refresh at a time (the poll thread, /v1/model/refresh, tests): verification, the "audit a
+        # refusal once per (version, reason)" rule and the switch are one unit
+        self._refresh_lock = threading.Lock()
         self._current: LoadedModel | None = None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._stop = threading.Event()
@@ -253,6 +256,10 @@ class ModelService:
     def refresh(self) -> bool:
         """Verify, load and publish the alias's version if it differs from the current one. True if
         switched. A version that fails verification is not published (``self.refusal`` says why)."""
+        with self._refresh_lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         from app import metrics
 
         version = self._resolver()
