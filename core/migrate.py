@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +41,35 @@ def _config(connection: Connection):
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
     return cfg
+
+
+_ALEMBIC_RUNTIME = threading.RLock()
+
+
+def serialise_alembic_commands() -> None:
+    """Make Alembic's command-level runtime one-at-a-time within this process (idempotent).
+
+    ``alembic.command.upgrade/downgrade/stamp`` install module-global proxies (``alembic.context``,
+    ``alembic.op``) for the duration of a run: two runs in two threads of one process corrupt each
+    other (``KeyError: 'script'``). MLflow runs its own migrations through the same functions when it
+    opens a new tracking database, e.g. in the API's champion poller, while ``cxr db upgrade`` or a
+    test upgrades the app database. Wrapping the functions on the ``alembic.command`` module makes every
+    in-process caller (MLflow looks them up there at call time) take one lock."""
+    from alembic import command
+
+    for name in ("upgrade", "downgrade", "stamp"):
+        fn = getattr(command, name)
+        if getattr(fn, "_cxr_serialised", False):
+            continue
+
+        def serialised(*args, _fn=fn, **kwargs):
+            with _ALEMBIC_RUNTIME:
+                return _fn(*args, **kwargs)
+
+        serialised._cxr_serialised = True  # type: ignore[attr-defined]
+        serialised.__wrapped__ = fn  # type: ignore[attr-defined]
+        serialised.__doc__ = fn.__doc__
+        setattr(command, name, serialised)
 
 
 def head_revision() -> str:
@@ -125,6 +155,8 @@ def upgrade(engine: Engine, revision: str = "head") -> dict:
 def _upgrade_locked(engine: Engine, revision: str = "head") -> dict:
     from alembic import command
 
+    serialise_alembic_commands()
+
     before = status(engine)
     with engine.begin() as conn:
         cfg = _config(conn)
@@ -156,6 +188,7 @@ def _create_at_head(engine: Engine) -> None:
 
 def ensure_schema(engine: Engine) -> None:
     """On first use: create an empty database; refuse an outdated one (``SchemaOutdated``)."""
+    serialise_alembic_commands()  # before any thread of this process opens a new MLflow database
     st = status(engine)
     if st["state"] == "current":
         return

@@ -220,3 +220,34 @@ def test_the_migrations_build_exactly_the_schema_of_the_tables(tmp_path):
         mc = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})
         diff = compare_metadata(mc, Base.metadata)
     assert diff == [], diff
+
+
+def test_app_upgrade_and_mlflow_migrations_in_two_threads_do_not_collide(tmp_path):
+    """Alembic's runtime keeps module-global proxies: an app-database upgrade in one thread while MLflow
+    migrates a new tracking database in another (the API's champion poller does) gave
+    ``KeyError: 'script'``. ``core.migrate`` serialises every in-process Alembic command run."""
+    import threading
+
+    from mlflow.store.db.utils import _initialize_tables
+    from sqlalchemy import create_engine
+
+    from core.migrate import head_revision, upgrade
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def mlflow_side() -> None:
+        try:
+            start.wait()
+            for i in range(2):
+                _initialize_tables(create_engine(f"sqlite:///{tmp_path / f'mlflow-{i}.db'}"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    t = threading.Thread(target=mlflow_side)
+    t.start()
+    start.wait()
+    revisions = [upgrade(create_engine(f"sqlite:///{tmp_path / f'app-{i}.db'}"))["to"] for i in range(4)]
+    t.join(timeout=300)
+    assert not errors, repr(errors[0])
+    assert revisions == [head_revision()] * 4
