@@ -114,6 +114,17 @@ def _raw_once(model, data: bytes, vit: dict, max_pixels: int, size: int) -> tupl
     return time.perf_counter() - t0, t1 - t0
 
 
+def _timed_post(client, data: bytes, expect_ok: bool = False):
+    """(seconds, response) of one prediction upload: the DICOM as the image part, the benchmark vitals."""
+    t0 = time.perf_counter()
+    r = client.post("/v1/predictions", files={"image": ("cxr.dcm", data, "application/dicom")},
+                    data={"vitals": json.dumps(VITALS), "site": "bench"})
+    seconds = time.perf_counter() - t0
+    if expect_ok:
+        assert r.status_code == 200, r.text[:300]
+    return seconds, r
+
+
 def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: int,
                floor_url: str | None = None) -> tuple[dict, dict]:
     """Concurrency 1: raw in-process decode+forward and one API request, alternated, so that both see
@@ -132,32 +143,22 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
     with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {token}"}) as c:
         for kind, data in inputs.items():
             _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size)  # warm both paths
-            c.post("/v1/predictions", files={"image": ("cxr.dcm", data, "application/dicom")},
-                   data={"vitals": json.dumps(VITALS), "site": "bench"})
+            _timed_post(c, data)
             rt, dt, at, ft = [], [], [], []
             floor = httpx.Client(base_url=floor_url, timeout=600) if floor_url else None
             if floor:
-                floor.post("/v1/predictions", files={"image": ("cxr.dcm", data, "application/dicom")},
-                           data={"vitals": json.dumps(VITALS), "site": "bench"})
+                _timed_post(floor, data)
             t_start = time.perf_counter()
             for _ in range(n):
                 if floor:
                     time.sleep(0.2)
-                    t0 = time.perf_counter()
-                    r = floor.post("/v1/predictions", files={"image": ("cxr.dcm", data, "application/dicom")},
-                                   data={"vitals": json.dumps(VITALS), "site": "bench"})
-                    ft.append(time.perf_counter() - t0)
-                    assert r.status_code == 200, r.text[:300]
+                    ft.append(_timed_post(floor, data, expect_ok=True)[0])
                 time.sleep(0.2)  # let the server finish its post-response work (audit write) first
                 total, dec = _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size)
                 rt.append(total)
                 dt.append(dec)
                 time.sleep(0.2)
-                t0 = time.perf_counter()
-                r = c.post("/v1/predictions", files={"image": ("cxr.dcm", data, "application/dicom")},
-                           data={"vitals": json.dumps(VITALS), "site": "bench"})
-                at.append(time.perf_counter() - t0)
-                assert r.status_code == 200, r.text[:300]
+                at.append(_timed_post(c, data, expect_ok=True)[0])
             wall = time.perf_counter() - t_start
             if floor:
                 floor.close()
@@ -214,10 +215,7 @@ def _level(url: str, token: str, data: bytes, concurrency: int, n: int) -> dict:
         nonlocal errors
         if not hasattr(local, "c"):
             local.c = httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {token}"})
-        t0 = time.perf_counter()
-        r = local.c.post("/v1/predictions", files={"image": ("cxr.dcm", data, "application/dicom")},
-                         data={"vitals": json.dumps(VITALS), "site": "bench"})
-        dt = time.perf_counter() - t0
+        dt, r = _timed_post(local.c, data)
         with lock:
             if r.status_code == 200:
                 lat.append(dt)
