@@ -398,6 +398,8 @@ def test_send_failure_retries_keeps_the_instance_and_is_visible(api_env, pacs, t
         assert "cxr_dicom_spool_depth 0.0" in generate_latest(REGISTRY).decode()
     finally:
         lst.stop()
+    # the listener's champion holder stopped with it: no poller left verifying (and auditing) in the background
+    assert lst.analyse.service._thread is None
 
 
 def _sample(name: str) -> float:

@@ -128,6 +128,11 @@ class DicomListener:
         for t in self._threads:
             t.join(timeout=timeout)
         self._threads.clear()
+        # the analysis's champion holder (``make_analyse``) polls the registry in its own thread: it stops
+        # with the listener, or it would go on verifying (and auditing) for a listener that is gone
+        service = getattr(self.analyse, "service", None)
+        if service is not None and callable(getattr(service, "stop", None)):
+            service.stop()
 
     def serve_forever(self) -> None:
         try:
