@@ -125,11 +125,32 @@ def _timed_post(client, data: bytes, expect_ok: bool = False):
     return seconds, r
 
 
+def _retain_freed_memory() -> bool:
+    """Make this process's allocator keep freed memory, as a long-running server's already does.
+
+    glibc serves 8-16 MiB buffers (the DICOM bytes, the float32 image) from fresh ``mmap``s until its
+    adaptive thresholds have grown; every fresh mapping is page-faulted in on first touch, which adds
+    15-25 ms to one raw decode on this machine. The API server reaches that steady state after its first
+    requests; the raw measurement must too, or page faults flatter the ratio (measured: raw 0.050-0.057 s
+    with glibc's defaults here vs 0.032-0.039 s in steady state, API unchanged). Returns False off glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 256 * 2**20))
+
+
 def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: int,
-               floor_url: str | None = None) -> tuple[dict, dict]:
+               others: dict[str, tuple[str, bool]] | None = None) -> tuple[dict, dict]:
     """Concurrency 1: raw in-process decode+forward and one API request, alternated, so that both see
-    the same machine load (the CPUs are shared); returns (raw, api) per input. With ``floor_url``, the
-    same upload to the transport-floor app (``_transport_floor_app.py``) is timed in the same rounds."""
+    the same machine load (the CPUs are shared); returns (raw, api) per input. ``others``: name ->
+    (url, authenticated) of further servers timed with the same upload in the same rounds, e.g. the
+    transport floor (``_transport_floor_app.py``) or the API on another HTTP implementation; their p50
+    is stored under ``raw[input][name + "_p50_s"]``."""
     import httpx
 
     from core.config import get_settings
@@ -140,19 +161,22 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
     model = load_clinical_model(version)
     vit = parse_vitals(VITALS, strict=True)
     raw, api = {}, {}
-    with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {token}"}) as c:
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, timeout=600, headers=auth) as c:
         for kind, data in inputs.items():
             _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size)  # warm both paths
             _timed_post(c, data)
-            rt, dt, at, ft = [], [], [], []
-            floor = httpx.Client(base_url=floor_url, timeout=600) if floor_url else None
-            if floor:
-                _timed_post(floor, data)
+            rt, dt, at = [], [], []
+            clients = {name: httpx.Client(base_url=u, timeout=600, headers=auth if authed else {})
+                       for name, (u, authed) in (others or {}).items()}
+            times: dict[str, list[float]] = {name: [] for name in clients}
+            for oc in clients.values():
+                _timed_post(oc, data)
             t_start = time.perf_counter()
             for _ in range(n):
-                if floor:
+                for name, oc in clients.items():
                     time.sleep(0.2)
-                    ft.append(_timed_post(floor, data, expect_ok=True)[0])
+                    times[name].append(_timed_post(oc, data, expect_ok=True)[0])
                 time.sleep(0.2)  # let the server finish its post-response work (audit write) first
                 total, dec = _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size)
                 rt.append(total)
@@ -160,12 +184,12 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
                 time.sleep(0.2)
                 at.append(_timed_post(c, data, expect_ok=True)[0])
             wall = time.perf_counter() - t_start
-            if floor:
-                floor.close()
+            for oc in clients.values():
+                oc.close()
             raw[kind] = {"p50_s": statistics.median(rt), "decode_prepare_p50_s": statistics.median(dt),
                          "forward_p50_s": statistics.median(rt) - statistics.median(dt), "n": n}
-            if ft:
-                raw[kind]["transport_floor_p50_s"] = statistics.median(ft)
+            for name, ts in times.items():
+                raw[kind][f"{name}_p50_s"] = statistics.median(ts)
             api[kind] = {"concurrency": 1, "n": n, "errors": 0, "p50_s": _pct(at, 0.5), "p95_s": _pct(at, 0.95),
                          "p99_s": _pct(at, 0.99), "throughput_per_s": n / sum(at), "wall_s": wall,
                          "note": "alternated with the raw measurement, 0.2 s apart; throughput = 1 / mean latency"}
@@ -178,15 +202,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/readyz"
-                  ) -> tuple[subprocess.Popen, str]:
+def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/readyz",
+                  transport: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """A uvicorn subprocess serving ``app``; ``transport``: extra uvicorn options (``--http h11 --loop
+    asyncio``); none = uvicorn's ``auto``, as ``cxr serve`` runs it (httptools + uvloop when installed)."""
     import httpx
 
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'benchmarks'}")
     log = open(home / "bench-server.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--factory", "--host",
-                             "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+                             "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning", *transport],
                             cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -238,6 +264,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     ap.add_argument("--floor", action="store_true",
                     help="also time the same upload to a FastAPI app that only reads it (the transport floor)")
+    ap.add_argument("--compare-h11", action="store_true",
+                    help="also time the same API on uvicorn's pure-Python h11 + asyncio, in the same rounds")
+    ap.add_argument("--steady-allocator", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the raw path with glibc keeping freed memory, as the long-running server's "
+                         "allocator does (default; --no-steady-allocator: glibc's defaults, page faults included)")
     args = ap.parse_args()
     home = (args.home or Path(tempfile.mkdtemp(prefix="cxr-bench-"))).resolve()
     _setup_env(home)
@@ -248,27 +279,43 @@ def main() -> None:
     sizes = {k: len(v) for k, v in inputs.items()}
     print(f"champion v{version}; inputs: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
 
-    proc, url = _start_server(home)
-    floor_proc, floor_url = _start_server(home, "_transport_floor_app:build", "/docs") if args.floor else (None, None)
+    procs: list[subprocess.Popen] = []
+    others: dict[str, tuple[str, bool]] = {}
     try:
+        proc, url = _start_server(home)
+        procs.append(proc)
+        if args.floor:
+            p, u = _start_server(home, "_transport_floor_app:build", "/docs")
+            procs.append(p)
+            others["transport_floor"] = (u, False)
+        if args.compare_h11:
+            p, u = _start_server(home, transport=("--http", "h11", "--loop", "asyncio"))
+            procs.append(p)
+            others["api_h11"] = (u, True)
         levels = [int(x) for x in args.levels.split(",")]
-        raw, c1 = _paired_c1(url, token, version, inputs, max(args.requests, 1), floor_url)
+        if args.steady_allocator:
+            print("raw path measured with the allocator in steady state (mallopt):", _retain_freed_memory())
+        raw, c1 = _paired_c1(url, token, version, inputs, max(args.requests, 1), others)
         api: dict[str, list[dict]] = {k: [c1[k]] if 1 in levels else [] for k in inputs}
         for kind, data in inputs.items():
             for c in levels:
                 if c != 1:
                     api[kind].append(_level(url, token, data, c, max(args.requests, c)))
     finally:
-        for p in (proc, floor_proc):
-            if p is not None:
-                p.terminate()
-                p.wait(timeout=60)
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=60)
+
+    import importlib.util
 
     import torch
 
+    server_transport = " + ".join(m for m in ("httptools", "uvloop") if importlib.util.find_spec(m)) or "h11 + asyncio"
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
-              "model_version": version, "input_bytes": sizes, "raw": raw, "api": api}
+              "model_version": version, "input_bytes": sizes, "raw": raw, "api": api,
+              "api_server_transport": server_transport, "raw_steady_allocator": bool(args.steady_allocator)}
+    print(f"API server transport (uvicorn auto): {server_transport}")
     print(f"\n{'input':<13}{'conc':>5}{'n':>5}{'err':>5}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'req/s':>8}")
     for kind, rows in api.items():
         for r in rows:
@@ -286,6 +333,10 @@ def main() -> None:
             print(f"{'':<13} transport floor (same upload, a FastAPI app that only reads it) p50 {f:.3f} s; "
                   f"API beyond raw + floor: {c1[kind]['p50_s'] - r['p50_s'] - f:+.3f} s; "
                   f"best possible ratio on this stack {(r['p50_s'] + f) / r['p50_s']:.2f}")
+        if "api_h11_p50_s" in r:
+            h = r["api_h11_p50_s"]
+            print(f"{'':<13} the same API on h11 + asyncio p50 {h:.3f} s (ratio {h / r['p50_s']:.2f}); "
+                  f"{server_transport} saves {h - c1[kind]['p50_s']:+.3f} s")
     result["api_c1_alternated"] = True
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
