@@ -265,7 +265,8 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true",
                     help="also time the same upload to a FastAPI app that only reads it (the transport floor)")
     ap.add_argument("--compare-h11", action="store_true",
-                    help="also time the same API on uvicorn's pure-Python h11 + asyncio, in the same rounds")
+                    help="also time the same API on uvicorn's pure-Python h11 + asyncio, in the same rounds (a comparison "
+                         "when httptools/uvloop are installed: uvicorn's auto then serves on them)")
     ap.add_argument("--steady-allocator", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the raw path with glibc keeping freed memory, as the long-running server's "
                          "allocator does (default; --no-steady-allocator: glibc's defaults, page faults included)")
