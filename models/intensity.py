@@ -41,10 +41,18 @@ def _block_mean(arr: np.ndarray, block: int = BLOCK) -> np.ndarray:
     return arr[:h2, :w2].reshape(h2 // block, block, w2 // block, block).mean(axis=(1, 3))
 
 
+def percentile_window(pixels: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE
+                      ) -> tuple[float, float]:
+    """(P_low, P_high) of ``pixels`` (H, W), read on its 4 x 4 block means: the window ``robust_window``
+    maps to [0, 1]; it leaves the pixels as they are when ``P_high - P_low < MIN_RANGE``."""
+    lo, hi = np.percentile(_block_mean(np.asarray(pixels, dtype=np.float32)), [low, high])
+    return float(lo), float(hi)
+
+
 def robust_window(pixels: np.ndarray, low: float = LOW_PERCENTILE, high: float = HIGH_PERCENTILE) -> np.ndarray:
     """float32 array in [0, 1]: ``(x - P_low) / (P_high - P_low)`` clipped; same shape as ``pixels``."""
     arr = np.asarray(pixels, dtype=np.float32)
-    lo, hi = np.percentile(_block_mean(arr), [low, high])
+    lo, hi = percentile_window(arr, low, high)
     if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo < MIN_RANGE:
         return np.clip(arr, 0.0, 1.0).astype(np.float32)
     return np.clip((arr - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)

@@ -2,7 +2,7 @@
 fallbacks, refusals unchanged, and fidelity against the full decode.
 
 Fidelity tolerance (stated): for 12- and 16-bit JPEG 2000 lossless and lossy chest phantoms of
-2048 x 2048 and 2048 x 1536 with a VOI window, the prepared (1, 256, 256) array of the reduced path
+2048 x 2048 and 2048 x 1536, with a VOI window and without one (min-max scaling), the prepared (1, 256, 256) array of the reduced path
 has PSNR ≥ 40 dB against full decode + the same resize (peak 1.0), and a small trained model's
 P(covid19) differs by ≤ 0.02 from the same stored pixels sent uncompressed.
 """
@@ -99,9 +99,26 @@ def test_path_choice_and_fallbacks():
     assert decode_dicom(windowed, target_size=64).reduction == 3  # 512 / 8 = 64
     assert decode_dicom(windowed).reduction == 0  # no target: full resolution, as before
     assert decode_dicom(windowed).shape == (512, 512)
-    # no VOI transform: min-max needs the full-resolution extremes -> full decode
+    # no VOI transform: min-max on the reduced level (prepare_image's robust window divides its gain out)
     plain = make_dicom(rows=512, cols=512, bits=12, transfer_syntax=JPEG2000Lossless, pixels=stored)
-    assert decode_dicom(plain, target_size=64).reduction == 0
+    assert decode_dicom(plain, target_size=64).reduction == 3
+    # ... unless the image has almost no contrast: the robust window would keep the min-max gain, which
+    # the reduced level changes (its extremes differ) -> full decode, the same prepared array as before.
+    # Two flat films, texture 1-3 stored levels: one whose maximum is a small burned-in marker, one whose
+    # extremes are single hot/dead pixels (the low-pass shrinks them to a bump: at the reduced level the
+    # texture is 5 % of the min-max range, at full resolution 0.07 %)
+    rng = np.random.default_rng(3)
+    marker = np.full((512, 512), 2000, dtype=np.uint16)
+    marker[::2, ::2] += 1
+    marker[200:216, 300:316] = 4095
+    hot = (2000 + rng.integers(0, 4, (512, 512))).astype(np.uint16)
+    hot[rng.integers(0, 512, 6), rng.integers(0, 512, 6)] = 4095
+    hot[rng.integers(0, 512, 6), rng.integers(0, 512, 6)] = 0
+    for flat in (marker, hot):
+        flat_file = make_dicom(rows=512, cols=512, bits=12, transfer_syntax=JPEG2000Lossless, pixels=flat)
+        d = decode_dicom(flat_file, target_size=64)
+        assert d.reduction == 0
+        np.testing.assert_array_equal(prepare_image(d, 64), prepare_image(decode_dicom(flat_file), 64))
     # not JPEG 2000 -> full decode, same pixels as without a target
     native = make_dicom(rows=512, cols=512, bits=12, pixels=stored, window=(2000, 3000))
     d = decode_dicom(native, target_size=64)
@@ -285,20 +302,27 @@ def _p_covid(model, image: np.ndarray, reference: np.ndarray) -> float:
     return float(1.0 / (1.0 + np.exp(-(a - b) / spread)))
 
 
+@pytest.mark.parametrize("voi", ["window", "none"])
 @pytest.mark.parametrize("shape", [(2048, 2048), (2048, 1536)], ids=["2048sq", "2048x1536"])
 @pytest.mark.parametrize("ts", [JPEG2000Lossless, JPEG2000], ids=["lossless", "lossy"])
 @pytest.mark.parametrize("bits", [12, 16])
-def test_reduced_path_fidelity(phantom, model, bits, ts, shape):
+def test_reduced_path_fidelity(phantom, model, bits, ts, shape, voi):
+    """``voi="none"``: no window, so min-max scaling on the reduced level's extremes; the phantom then
+    carries a burned-in full-white marker (as CR films do), the extreme a low-pass softens most."""
     rows, cols = shape
     img = phantom[:rows, (2048 - cols) // 2:(2048 - cols) // 2 + cols]
     maxv = 2**bits - 1
     stored = np.round((0.05 + 0.9 * img) * maxv).astype(np.uint16)
     lo, hi = np.percentile(stored, [0.5, 99.5])
     extra: dict = {"window": ((lo + hi) / 2, hi - lo)}
+    if voi == "none":
+        stored[100:160, 100:140] = maxv
+        extra = {}
     if cols != rows and bits == 16:  # also MONOCHROME1 + rescale on the non-square 16-bit cases
         stored = (maxv - stored).astype(np.uint16)
-        extra = {"photometric": "MONOCHROME1", "rescale": (0.5, -100.0),
-                 "window": (0.5 * (maxv - (lo + hi) / 2) - 100.0, 0.5 * (hi - lo))}
+        extra = {"photometric": "MONOCHROME1", "rescale": (0.5, -100.0)}
+        if voi == "window":
+            extra["window"] = (0.5 * (maxv - (lo + hi) / 2) - 100.0, 0.5 * (hi - lo))
     j2k_file = make_dicom(rows=rows, cols=cols, bits=bits, transfer_syntax=ts, pixels=stored, **extra)
     native = make_dicom(rows=rows, cols=cols, bits=bits, transfer_syntax=ExplicitVRLittleEndian, pixels=stored, **extra)
 
