@@ -3,7 +3,7 @@
 Sends 2048 x 2048 12-bit chest phantoms as DICOM, JPEG 2000 lossless and uncompressed (explicit VR
 little endian, 8 MiB), at concurrency 1, 8 and 32; reports p50/p95/p99 latency and throughput per
 level and input, and -- in the same run, same machine, same model -- the raw in-process time of
-``decode_dicom`` + ``prepare_image`` + ``ClinicalModel.predict`` on the same bytes. The overhead ratio
+``decode_and_prepare`` (the API's decode path, reduced JPEG 2000 levels included) + ``ClinicalModel.predict`` on the same bytes. The overhead ratio
 is API p50 at concurrency 1 / raw p50 (goal <= 1.25).
 
     python benchmarks/api_latency.py [--home DIR] [--requests 12] [--levels 1,8,32] [--out results.json]
@@ -104,11 +104,13 @@ VITALS = {"temperature_c": 38.1, "spo2_percent": 93, "heart_rate_bpm": 98, "resp
           "systolic_bp_mmhg": 121, "age_years": 61, "sex": "M"}
 
 
-def _raw_once(model, data: bytes, vit: dict, max_pixels: int, size: int) -> tuple[float, float]:
-    from models.preprocessing import decode_dicom, prepare_image
+def _raw_once(model, data: bytes, vit: dict, max_pixels: int, size: int, reduced: bool = True) -> tuple[float, float]:
+    """(decode + prepare + forward, decode + prepare) seconds, in process, on the API's own decode path
+    (``decode_and_prepare``: a JPEG 2000 file at its reduced level when ``reduced``, as the API serves it)."""
+    from models.preprocessing import decode_and_prepare
 
     t0 = time.perf_counter()
-    img = prepare_image(decode_dicom(data, max_pixels=max_pixels).pixels, size)
+    _, img = decode_and_prepare(data, size, max_pixels=max_pixels, reduced=reduced)
     t1 = time.perf_counter()
     model.predict([img], [vit])
     return time.perf_counter() - t0, t1 - t0
@@ -164,7 +166,7 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
     auth = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, timeout=600, headers=auth) as c:
         for kind, data in inputs.items():
-            _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size)  # warm both paths
+            _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size, s.reduced_decode)  # warm both paths
             _timed_post(c, data)
             rt, dt, at = [], [], []
             clients = {name: httpx.Client(base_url=u, timeout=600, headers=auth if authed else {})
@@ -178,7 +180,7 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
                     time.sleep(0.2)
                     times[name].append(_timed_post(oc, data, expect_ok=True)[0])
                 time.sleep(0.2)  # let the server finish its post-response work (audit write) first
-                total, dec = _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size)
+                total, dec = _raw_once(model, data, vit, s.max_image_pixels, s.cache_image_size, s.reduced_decode)
                 rt.append(total)
                 dt.append(dec)
                 time.sleep(0.2)
