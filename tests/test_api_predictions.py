@@ -208,3 +208,30 @@ def test_upload_parts_stay_in_memory_up_to_the_configured_size(api_env):  # noqa
     finally:
         create_app()
     assert MultiPartParser.spool_max_size == Settings().upload_memory_bytes == 16 << 20
+
+
+def test_jpeg2000_upload_is_prepared_from_its_reduced_level(client, api_env):  # noqa: F811
+    """The route hands the model-input size to the decoder: a JPEG 2000 upload — here without a VOI
+    window, so min–max scaled — is prepared from its reduced wavelet level exactly as
+    ``decode_and_prepare`` does it (the one preprocessing path), not from the full decode."""
+    import numpy as np
+    from dicom_factory import JPEG2000Lossless, pattern_pixels
+
+    from core.config import get_settings
+    from models.preprocessing import decode_and_prepare
+
+    size = get_settings().cache_image_size
+    rng = np.random.default_rng(7)
+    stored = np.clip(pattern_pixels(4 * size, 4 * size, 12).astype(np.int64)
+                     + rng.integers(-60, 60, (4 * size, 4 * size)), 0, 4095).astype(np.uint16)
+    data = make_dicom(rows=4 * size, cols=4 * size, bits=12, pixels=stored, transfer_syntax=JPEG2000Lossless)
+    r = client.post("/v1/predictions", headers=api_env.headers("clinician"),
+                    files={"image": ("cxr.dcm", data, "application/dicom")},
+                    data={"vitals": json.dumps(VITALS), "site": "site-a"})
+    assert r.status_code == 200, r.text
+    cached, _ = client.app.state.input_cache.get(r.json()["id"])  # float16 in the cache
+    decoded, reduced = decode_and_prepare(data, size)
+    _, full = decode_and_prepare(data, size, reduced=False)
+    assert decoded.reduction == 2  # 4 x size -> size
+    assert np.abs(cached.reshape(-1) - reduced.reshape(-1)).max() <= 1e-3
+    assert np.abs(cached.reshape(-1) - full.reshape(-1)).max() > 1e-2  # the two paths are distinguishable
