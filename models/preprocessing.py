@@ -676,8 +676,8 @@ def _decode_reduced(ds, ts_uid, rows: int, cols: int, bits_stored: int, target_s
     """Stored values (H', W') int32 of a reduced JPEG 2000 resolution level and its ``k``, or None.
 
     None (→ the caller decodes at full resolution) unless: the transfer syntax is JPEG 2000
-    (``models.j2k.J2K_TRANSFER_SYNTAXES``); the codestream agrees with the header (Columns x Rows, one component, precision = BitsStored,
-    signedness = PixelRepresentation); some ``k`` ≥ 1 leaves both sides ≥ ``REDUCED_DECODE_OVERSAMPLE
+    (``models.j2k.J2K_TRANSFER_SYNTAXES``); the codestream agrees with the header (Columns x Rows,
+    one component, precision = BitsStored, signedness = PixelRepresentation); some ``k`` ≥ 1 leaves both sides ≥ ``REDUCED_DECODE_OVERSAMPLE
     * target_size``; and Pillow/OpenJPEG decodes it to the expected shape. Any failure → None.
     """
     if ts_uid is None or str(ts_uid) not in _j2k().J2K_TRANSFER_SYNTAXES or int(target_size) < 1:
@@ -722,8 +722,9 @@ def _minmax_gain_divided_out(pixels: np.ndarray, reduced_span: float, ds, bits_s
     min–max-scaled image is ≥ ``MIN_RANGE``. ``pixels``: the reduced level min–max-scaled (H, W) in
     [0, 1]; ``reduced_span``: its stored-value range. The percentile range in stored units,
     (P_high − P_low) × ``reduced_span``, divided by the widest span a full-resolution min–max can
-    have (2**BitsStored − 1), bounds the full path's range from below; when that bound is ≥
-    ``_GAIN_MARGIN * MIN_RANGE`` both paths rescale. An image with almost no contrast — a flat film whose
+    have (2**BitsStored − 1), bounds the full path's range from below (up to the small difference
+    between percentiles read on the reduced level and on the resized full image, which the margin
+    covers); when that bound is ≥ ``_GAIN_MARGIN * MIN_RANGE`` both paths rescale. An image with almost no contrast — a flat film whose
     extremes are a few hot pixels the low-pass softens — fails the bound and is decoded at full
     resolution. A Modality LUT sequence (output range set by the LUT) always is.
     """
