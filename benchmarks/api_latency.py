@@ -147,10 +147,11 @@ def _retain_freed_memory() -> bool:
 
 
 def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: int,
-               others: dict[str, tuple[str, bool]] | None = None) -> tuple[dict, dict]:
+               others: dict[str, tuple[str, bool, tuple[str, ...]]] | None = None) -> tuple[dict, dict]:
     """Concurrency 1: raw in-process decode+forward and one API request, alternated, so that both see
     the same machine load (the CPUs are shared); returns (raw, api) per input. ``others``: name ->
-    (url, authenticated) of further servers timed with the same upload in the same rounds, e.g. the
+    (url, authenticated, input kinds or () for all) of further servers timed with the same upload in
+    the same rounds, e.g. the
     transport floor (``_transport_floor_app.py``) or the API on another HTTP implementation; their p50
     is stored under ``raw[input][name + "_p50_s"]``."""
     import httpx
@@ -170,7 +171,7 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
             _timed_post(c, data)
             rt, dt, at = [], [], []
             clients = {name: httpx.Client(base_url=u, timeout=600, headers=auth if authed else {})
-                       for name, (u, authed) in (others or {}).items()}
+                       for name, (u, authed, kinds) in (others or {}).items() if not kinds or kind in kinds}
             times: dict[str, list[float]] = {name: [] for name in clients}
             for oc in clients.values():
                 _timed_post(oc, data)
@@ -196,6 +197,24 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
                          "p99_s": _pct(at, 0.99), "throughput_per_s": n / sum(at), "wall_s": wall,
                          "note": "alternated with the raw measurement, 0.2 s apart; throughput = 1 / mean latency"}
     return raw, api
+
+
+def _check_overlap_probe(data: bytes) -> None:
+    """The probe prepares the same array as ``decode_and_prepare`` (float rounding apart), or we stop."""
+    import numpy as np
+    from _overlap_probe_app import StreamingDicom
+
+    from core.config import get_settings
+    from models.preprocessing import decode_and_prepare
+
+    size = get_settings().cache_image_size
+    sink = StreamingDicom(size, len(data))
+    for i in range(0, len(data), 65536):
+        sink.feed(data[i:i + 65536])
+    diff = float(np.abs(sink.finish() - decode_and_prepare(data, size)[1]).max())
+    print(f"overlap probe: max |probe - decode_and_prepare| = {diff:.2e}")
+    if diff > 1e-5:
+        raise SystemExit("the overlap probe does not prepare the serving path's array")
 
 
 def _free_port() -> int:
@@ -269,6 +288,9 @@ def main() -> None:
     ap.add_argument("--compare-h11", action="store_true",
                     help="also time the same API on uvicorn's pure-Python h11 + asyncio, in the same rounds (a comparison "
                          "when httptools/uvloop are installed: uvicorn's auto then serves on them)")
+    ap.add_argument("--overlap-probe", action="store_true",
+                    help="also time _overlap_probe_app.py: decode overlapped with the upload (uncompressed only; "
+                         "no auth, storage or audit): what overlap could give")
     ap.add_argument("--steady-allocator", action=argparse.BooleanOptionalAction, default=True,
                     help="measure the raw path with glibc keeping freed memory, as the long-running server's "
                          "allocator does (default; --no-steady-allocator: glibc's defaults, page faults included)")
@@ -290,11 +312,16 @@ def main() -> None:
         if args.floor:
             p, u = _start_server(home, "_transport_floor_app:build", "/docs")
             procs.append(p)
-            others["transport_floor"] = (u, False)
+            others["transport_floor"] = (u, False, ())
         if args.compare_h11:
             p, u = _start_server(home, transport=("--http", "h11", "--loop", "asyncio"))
             procs.append(p)
-            others["api_h11"] = (u, True)
+            others["api_h11"] = (u, True, ())
+        if args.overlap_probe:
+            _check_overlap_probe(inputs["uncompressed"])
+            p, u = _start_server(home, "_overlap_probe_app:build", "/docs")
+            procs.append(p)
+            others["overlap_probe"] = (u, False, ("uncompressed",))
         levels = [int(x) for x in args.levels.split(",")]
         if args.steady_allocator:
             print("raw path measured with the allocator in steady state (mallopt):", _retain_freed_memory())
@@ -336,6 +363,12 @@ def main() -> None:
             print(f"{'':<13} transport floor (same upload, a FastAPI app that only reads it) p50 {f:.3f} s; "
                   f"API beyond raw + floor: {c1[kind]['p50_s'] - r['p50_s'] - f:+.3f} s; "
                   f"best possible ratio on this stack {(r['p50_s'] + f) / r['p50_s']:.2f}")
+        if "overlap_probe_p50_s" in r:
+            o = r["overlap_probe_p50_s"]
+            own = c1[kind]["p50_s"] - r["p50_s"] - r.get("transport_floor_p50_s", float("nan"))
+            print(f"{'':<13} decode overlapped with the upload (probe, no auth/storage/audit) p50 {o:.3f} s "
+                  f"(ratio {o / r['p50_s']:.2f}); plus the API's own work ({own:+.3f} s, needs --floor): "
+                  f"ratio {(o + max(own, 0.0)) / r['p50_s']:.2f}")
         if "api_h11_p50_s" in r:
             h = r["api_h11_p50_s"]
             print(f"{'':<13} the same API on h11 + asyncio p50 {h:.3f} s (ratio {h / r['p50_s']:.2f}); "
