@@ -11,8 +11,7 @@ and the forward of the champion remain. Stripe-wise horizontal passes followed b
 Pillow's full resize bit for bit; the min–max applied after the resize instead of before differs by float
 rounding only (``api_latency.py --overlap-probe`` checks it against ``decode_and_prepare`` first).
 
-Limits, because it is a probe: explicit VR little endian, uncompressed, MONOCHROME2, one frame, no VOI
-LUT; no authentication, input gate, storage, audit or metrics (the API's own ~3-7 ms, measured
+Limits, because it is a probe: explicit VR little endian, uncompressed, MONOCHROME2, one frame; no authentication, input gate, storage, audit or metrics (the API's own ~3-7 ms, measured
 separately). Anything else is answered 415.
 """
 from __future__ import annotations
@@ -86,6 +85,7 @@ class StreamingDicom:
         from PIL import Image
 
         from models.intensity import robust_window
+        from models.preprocessing import _has_voi, _to_unit_range
 
         have = 0
         while True:  # the header: up to the Pixel Data element and its length
@@ -97,18 +97,12 @@ class StreamingDicom:
                 raise ValueError("no explicit-VR Pixel Data element")
         ds = pydicom.dcmread(io.BytesIO(bytes(self.view[:at])), stop_before_pixels=True, force=True)
         if str(ds.file_meta.TransferSyntaxUID) != pydicom.uid.ExplicitVRLittleEndian or ds.BitsAllocated != 16 \
-                or ds.get("PhotometricInterpretation") != "MONOCHROME2" or "VOILUTSequence" in ds \
-                or int(ds.get("PixelRepresentation", 0)) != 0:
+                or ds.get("PhotometricInterpretation") != "MONOCHROME2" or int(ds.get("PixelRepresentation", 0)) != 0 \
+                or "ModalityLUTSequence" in ds:
             raise ValueError("the probe handles uncompressed MONOCHROME2 16-bit only")
         rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsStored)
         slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-        window = None
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            c = float(ds.WindowCenter if not isinstance(ds.WindowCenter, pydicom.multival.MultiValue)
-                      else ds.WindowCenter[0]) - 0.5
-            w = float(ds.WindowWidth if not isinstance(ds.WindowWidth, pydicom.multival.MultiValue)
-                      else ds.WindowWidth[0]) - 1.0
-            window = (c, w)
+        windowed = _has_voi(ds)
         offset = at + 12
         mask = np.uint16((1 << bits) - 1)
         stripes, vmin, vmax = [], np.inf, -np.inf
@@ -117,23 +111,23 @@ class StreamingDicom:
             if self._wait(offset + r1 * cols * 2) < offset + r1 * cols * 2:
                 raise ValueError("pixel data truncated")
             stored = np.frombuffer(self.buf, dtype="<u2", count=(r1 - r0) * cols, offset=offset + r0 * cols * 2)
-            values = (stored & mask).astype(np.float32).reshape(r1 - r0, cols)
-            if slope != 1.0:
-                values *= np.float32(slope)
-            if intercept != 0.0:
-                values += np.float32(intercept)
-            if window is not None:
-                values -= np.float32(window[0])
-                values *= np.float32(1.0 / window[1])
-                values += np.float32(0.5)
-                np.clip(values, 0.0, 1.0, out=values)
-            else:
+            stored = (stored & mask).reshape(r1 - r0, cols)
+            if windowed:  # per pixel: the serving path's own rescale + window, stripe by stripe
+                values, note = _to_unit_range(stored, ds, "MONOCHROME2")
+                if note is not None:
+                    raise ValueError(note)
+            else:  # min-max needs the global extremes: rescale here, scale after the resize
+                values = stored.astype(np.float32)
+                if slope != 1.0:
+                    values *= np.float32(slope)
+                if intercept != 0.0:
+                    values += np.float32(intercept)
                 vmin, vmax = min(vmin, float(values.min())), max(vmax, float(values.max()))
             stripes.append(np.asarray(Image.fromarray(values).resize((self.size, r1 - r0),
                                                                      Image.Resampling.BILINEAR)))
         out = np.asarray(Image.fromarray(np.vstack(stripes)).resize((self.size, self.size), Image.Resampling.BILINEAR),
                          dtype=np.float32)
-        if window is None:
+        if not windowed:
             out = (out - np.float32(vmin)) / np.float32(vmax - vmin) if vmax > vmin else np.zeros_like(out)
         return robust_window(np.clip(out, 0.0, 1.0))[None, :, :].astype(np.float32)
 

@@ -3,8 +3,9 @@
 Sends 2048 x 2048 12-bit chest phantoms as DICOM, JPEG 2000 lossless and uncompressed (explicit VR
 little endian, 8 MiB), at concurrency 1, 8 and 32; reports p50/p95/p99 latency and throughput per
 level and input, and -- in the same run, same machine, same model -- the raw in-process time of
-``decode_and_prepare`` (the API's decode path, reduced JPEG 2000 levels included) + ``ClinicalModel.predict`` on the same bytes. The overhead ratio
-is API p50 at concurrency 1 / raw p50 (goal <= 1.25).
+``decode_and_prepare`` (the API's decode path, reduced JPEG 2000 levels included) +
+``ClinicalModel.predict`` on the same bytes. The overhead ratio is API p50 at concurrency 1 / raw p50
+(goal <= 1.25).
 
     python benchmarks/api_latency.py [--home DIR] [--requests 12] [--levels 1,8,32] [--out results.json]
 
@@ -151,9 +152,8 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
     """Concurrency 1: raw in-process decode+forward and one API request, alternated, so that both see
     the same machine load (the CPUs are shared); returns (raw, api) per input. ``others``: name ->
     (url, authenticated, input kinds or () for all) of further servers timed with the same upload in
-    the same rounds, e.g. the
-    transport floor (``_transport_floor_app.py``) or the API on another HTTP implementation; their p50
-    is stored under ``raw[input][name + "_p50_s"]``."""
+    the same rounds, e.g. the transport floor (``_transport_floor_app.py``), the overlap probe or the
+    API on another HTTP implementation; their p50 is stored under ``raw[input][name + "_p50_s"]``."""
     import httpx
 
     from core.config import get_settings

@@ -394,12 +394,13 @@ def _decode_dicom(source: Any, *, max_pixels: int | None, target_size: int | Non
         reduced = _decode_reduced(ds, ts_uid, rows, cols, bits_stored, target_size)
         if reduced is not None:
             arr, reduction = reduced
-            reduced_span = float(arr.max()) - float(arr.min())  # stored units, at the reduced level
+            # min-max scaling (no VOI): its stored-value span at this level, for the gain check below
+            reduced_span = None if _has_voi(ds) else float(arr.max()) - float(arr.min())
             pixels, voi_note = _to_unit_range(arr, ds, photometric)
             del arr
             if voi_note is not None:  # the VOI transform failed: min-max needs the full-resolution extremes
                 pixels, reduction = None, 0
-            elif not _has_voi(ds) and not _minmax_gain_divided_out(pixels, reduced_span, ds, bits_stored):
+            elif reduced_span is not None and not _minmax_gain_divided_out(pixels, reduced_span, ds, bits_stored):
                 pixels, reduction = None, 0
     if pixels is None:
         arr = _decode_pixels(ds, ts_uid, ts_name, rows, cols, bits_alloc)
