@@ -12,6 +12,8 @@ level and input, and -- in the same run, same machine, same model -- the raw in-
 With no champion in ``--home`` it bootstraps one: synthetic cohort (40 patients) -> import -> train
 (small encoder, 64 px, 1 epoch, CPU) -> signed approval. The model is therefore tiny: the numbers
 measure the serving path (upload, decode, storage, audit, auth), which dominates on CPU anyway.
+``--encoder densenet121`` bootstraps the clinical default instead (DenseNet-121, 224 px) into an empty
+``--home``: the same ratio with a forward pass of clinical size.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def _ensure_users() -> str:
     return issue_token("bench-clin", actor="benchmark")
 
 
-def _ensure_champion(home: Path) -> str:
+def _ensure_champion(home: Path, encoder: str = "small") -> str:
     from app.services.champion import champion_version
 
     v = champion_version()
@@ -75,13 +77,14 @@ def _ensure_champion(home: Path) -> str:
     from pipelines.ingest import import_dataset
     from pipelines.synth import synthesize_cohort
 
-    print("no champion: bootstrapping a tiny model (synthetic 40 patients, small encoder, 64 px, 1 epoch)")
+    size = 64 if encoder == "small" else 224
+    print(f"no champion: bootstrapping one (synthetic 40 patients, {encoder} encoder, {size} px, 1 epoch)")
     synthesize_cohort(40, home / "synth", seed=5, image_size=128)
     import_dataset(home / "synth", "benchcohort", seed=5, actor="bench-res", track=False, quiet=True, workers=1)
-    res = train("benchcohort", epochs=1, image_size=64, encoder="small", batch_size=8, device="cpu", seed=5,
+    res = train("benchcohort", epochs=1, image_size=size, encoder=encoder, batch_size=8, device="cpu", seed=5,
                 actor="bench-res", n_bootstrap=20, show_progress=False, num_workers=0)
     approve_model_version(str(res["model_version"]), approver="bench-appr", password=PASSWORD,
-                          reason="benchmark champion", override_policy_reason="benchmark-only tiny model")
+                          reason="benchmark champion", override_policy_reason="benchmark-only model (synthetic data)")
     return str(res["model_version"])
 
 
@@ -250,6 +253,25 @@ def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/
     raise SystemExit("server not ready in 180 s")
 
 
+def _start_wire_floor(home: Path) -> tuple[subprocess.Popen, str]:
+    """``_wire_floor_server.py`` in its own process: the least any server can spend receiving the upload."""
+    import httpx
+
+    port = _free_port()
+    log = open(home / "bench-server.log", "ab")
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "_wire_floor_server.py"), str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(url + "/", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("wire-floor server not ready")
+
+
 def _level(url: str, token: str, data: bytes, concurrency: int, n: int) -> dict:
     import httpx
 
@@ -285,6 +307,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     ap.add_argument("--floor", action="store_true",
                     help="also time the same upload to a FastAPI app that only reads it (the transport floor)")
+    ap.add_argument("--wire-floor", action="store_true",
+                    help="also time the same upload to a plain blocking socket that only receives it (no HTTP "
+                         "framework, no multipart parsing): the least any server on this host can spend on it")
+    ap.add_argument("--encoder", default="small", choices=("small", "densenet121"),
+                    help="encoder of a champion bootstrapped into an empty --home (small: 64 px; densenet121: the "
+                         "clinical default, 224 px)")
     ap.add_argument("--compare-h11", action="store_true",
                     help="also time the same API on uvicorn's pure-Python h11 + asyncio, in the same rounds (a comparison "
                          "when httptools/uvloop are installed: uvicorn's auto then serves on them)")
@@ -299,7 +327,7 @@ def main() -> None:
     _setup_env(home)
 
     token = _ensure_users()
-    version = _ensure_champion(home)
+    version = _ensure_champion(home, args.encoder)
     inputs = _inputs()
     sizes = {k: len(v) for k, v in inputs.items()}
     print(f"champion v{version}; inputs: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
@@ -313,6 +341,10 @@ def main() -> None:
             p, u = _start_server(home, "_transport_floor_app:build", "/docs")
             procs.append(p)
             others["transport_floor"] = (u, False, ())
+        if args.wire_floor:
+            p, u = _start_wire_floor(home)
+            procs.append(p)
+            others["wire_floor"] = (u, False, ())
         if args.compare_h11:
             p, u = _start_server(home, transport=("--http", "h11", "--loop", "asyncio"))
             procs.append(p)
@@ -363,6 +395,10 @@ def main() -> None:
             print(f"{'':<13} transport floor (same upload, a FastAPI app that only reads it) p50 {f:.3f} s; "
                   f"API beyond raw + floor: {c1[kind]['p50_s'] - r['p50_s'] - f:+.3f} s; "
                   f"best possible ratio on this stack {(r['p50_s'] + f) / r['p50_s']:.2f}")
+        if "wire_floor_p50_s" in r:
+            w = r["wire_floor_p50_s"]
+            print(f"{'':<13} wire floor (same upload, a plain blocking socket that only receives it) p50 {w:.3f} s; "
+                  f"ratio of raw + wire floor alone, no server work at all: {(r['p50_s'] + w) / r['p50_s']:.2f}")
         if "overlap_probe_p50_s" in r:
             o = r["overlap_probe_p50_s"]
             own = c1[kind]["p50_s"] - r["p50_s"] - r.get("transport_floor_p50_s", float("nan"))
