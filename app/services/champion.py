@@ -12,6 +12,11 @@
   by the previous champion is computed with that version.
 * Inference is serialised per model (``model.lock``): torch already uses every core for one
   forward, and Grad-CAM's hooks must not see a concurrent forward.
+* Every CPU forward and Grad-CAM of the process runs on one long-lived thread (``inference_thread``),
+  and model loads on short-lived threads: torch's CPU kernels run on OpenMP, and libgomp keeps one
+  thread pool per application thread that ever ran a parallel region, for as long as that thread
+  lives. A second live pool, even an idle one, made every forward 1.5-2x slower on the 2-core host
+  (``benchmarks/RESULTS.md``); FastAPI's request threads would each have grown one.
 
 Serving verifies approval before it publishes (MLflow has no access control: anyone who can reach
 it can move the alias or replace artefact files). For the version the alias names it asks
@@ -30,9 +35,64 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
 log = logging.getLogger("cxr.api.model")
+T = TypeVar("T")
+
+
+class InferenceThread:
+    """One long-lived thread that runs every CPU inference of the serving process.
+
+    ``run(fn, ...)`` calls ``fn`` on that thread and returns its result (or raises its exception); a call
+    made on the thread itself runs in place. Why one thread: libgomp gives each application thread that
+    enters an OpenMP region a thread pool of its own, kept until that thread exits, and once two pools
+    are alive the active one's forwards slow down (DenseNet-121, 224 px, on 2 cores: 85-120 ms with one
+    pool, 150-220 ms with a second, idle pool). Requests arrive on many threads; their forwards all
+    run here, so the process keeps a single pool.
+    """
+
+    def __init__(self, name: str = "cxr-inference") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self.ident: int | None = None
+
+    def _remember(self) -> None:
+        self.ident = threading.get_ident()
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if threading.get_ident() == self.ident:
+            return fn(*args, **kwargs)
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name,
+                                                    initializer=self._remember)
+            executor = self._executor
+        return executor.submit(fn, *args, **kwargs).result()
+
+
+inference_thread = InferenceThread()
+
+
+def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a new thread that exits when it returns, so that the OpenMP pool a model load
+    may create (tensor copies run in parallel) dies with it and does not slow ``inference_thread``."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=target, name="cxr-model-load", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def champion_version() -> str | None:
@@ -108,6 +168,9 @@ class LoadedModel:
     def predict(self, images, vitals):
         if self.batcher is not None and len(images) == 1:
             return [self.batcher((images[0], vitals[0]), timeout=60)]
+        return inference_thread.run(self._predict, images, vitals)
+
+    def _predict(self, images, vitals):
         with self.lock:
             return self.model.predict(images, vitals)
 
@@ -116,6 +179,9 @@ class LoadedModel:
             self.batcher.close()
 
     def gradcam(self, image, vitals):
+        return inference_thread.run(self._gradcam, image, vitals)
+
+    def _gradcam(self, image, vitals):
         with self.lock:
             return self.model.gradcam(image, vitals)
 
@@ -204,7 +270,7 @@ class ModelService:
         from models.serving import ArtifactDigestMismatch
 
         try:
-            model = self._loader(version, digest)
+            model = run_in_short_lived_thread(self._loader, version, digest)
         except ArtifactDigestMismatch as exc:
             raise ChampionRefused(version, "artifact-mismatch", str(exc)) from None
         if getattr(model, "artifact_sha256", None) != digest:  # whatever the loader, the files must be the signed ones
