@@ -227,17 +227,18 @@ def _free_port() -> int:
 
 
 def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/readyz",
-                  transport: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """A uvicorn subprocess serving ``app``; ``transport``: extra uvicorn options (``--http h11 --loop
-    asyncio``); none = uvicorn's ``auto``, as ``cxr serve`` runs it (httptools + uvloop when installed)."""
+                  transport: tuple[str, ...] = (), tree: Path = REPO) -> tuple[subprocess.Popen, str]:
+    """A uvicorn subprocess serving ``app`` from the checkout ``tree``; ``transport``: extra uvicorn options
+    (``--http h11 --loop asyncio``); none = uvicorn's ``auto``, as ``cxr serve`` runs it (httptools +
+    uvloop when installed)."""
     import httpx
 
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'benchmarks'}")
+    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{REPO / 'benchmarks'}")
     log = open(home / "bench-server.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--factory", "--host",
                              "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning", *transport],
-                            cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=str(tree), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -251,6 +252,11 @@ def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/
         time.sleep(0.3)
     proc.kill()
     raise SystemExit("server not ready in 180 s")
+
+
+def _commit(tree: Path) -> str | None:
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 def _start_wire_floor(home: Path) -> tuple[subprocess.Popen, str]:
@@ -313,6 +319,9 @@ def main() -> None:
     ap.add_argument("--encoder", default="small", choices=("small", "densenet121"),
                     help="encoder of a champion bootstrapped into an empty --home (small: 64 px; densenet121: the "
                          "clinical default, 224 px)")
+    ap.add_argument("--compare-tree", type=Path, default=None,
+                    help="also time the API served from another checkout (e.g. a worktree of the commit before a "
+                         "change), same home and champion, in the same rounds: a side-by-side before/after")
     ap.add_argument("--compare-h11", action="store_true",
                     help="also time the same API on uvicorn's pure-Python h11 + asyncio, in the same rounds (a comparison "
                          "when httptools/uvloop are installed: uvicorn's auto then serves on them)")
@@ -341,6 +350,10 @@ def main() -> None:
             p, u = _start_server(home, "_transport_floor_app:build", "/docs")
             procs.append(p)
             others["transport_floor"] = (u, False, ())
+        if args.compare_tree:
+            p, u = _start_server(home, tree=args.compare_tree.resolve())
+            procs.append(p)
+            others["api_other_tree"] = (u, True, ())
         if args.wire_floor:
             p, u = _start_wire_floor(home)
             procs.append(p)
@@ -376,7 +389,8 @@ def main() -> None:
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
               "model_version": version, "input_bytes": sizes, "raw": raw, "api": api,
-              "api_server_transport": server_transport, "raw_steady_allocator": bool(args.steady_allocator)}
+              "api_server_transport": server_transport, "raw_steady_allocator": bool(args.steady_allocator),
+              "commit": _commit(REPO), "compare_tree_commit": _commit(args.compare_tree) if args.compare_tree else None}
     print(f"API server transport (uvicorn auto): {server_transport}")
     print(f"\n{'input':<13}{'conc':>5}{'n':>5}{'err':>5}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'req/s':>8}")
     for kind, rows in api.items():
@@ -405,6 +419,10 @@ def main() -> None:
             print(f"{'':<13} decode overlapped with the upload (probe, no auth/storage/audit) p50 {o:.3f} s "
                   f"(ratio {o / r['p50_s']:.2f}); plus the API's own work ({own:+.3f} s, needs --floor): "
                   f"ratio {(o + max(own, 0.0)) / r['p50_s']:.2f}")
+        if "api_other_tree_p50_s" in r:
+            o = r["api_other_tree_p50_s"]
+            print(f"{'':<13} the API from {args.compare_tree} p50 {o:.3f} s (ratio {o / r['p50_s']:.2f}); "
+                  f"this checkout saves {o - c1[kind]['p50_s']:+.3f} s")
         if "api_h11_p50_s" in r:
             h = r["api_h11_p50_s"]
             print(f"{'':<13} the same API on h11 + asyncio p50 {h:.3f} s (ratio {h / r['p50_s']:.2f}); "
