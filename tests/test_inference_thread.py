@@ -162,3 +162,19 @@ def test_request_threads_do_not_grow_openmp_pools():
     if probe["direct"] == 0:
         pytest.skip(f"this torch build keeps no OpenMP pool per thread ({probe}): nothing to guard against")
     assert probe["served"] == 0, f"request threads grew OpenMP pools through LoadedModel: {probe}"
+
+
+def test_a_forked_child_serves_on_a_thread_of_its_own():
+    """After fork the child has no copy of the inference thread; it must start one, not wait forever."""
+    import multiprocessing
+
+    lm = LoadedModel(RecordingModel())
+    lm.predict([np.ones((1, 2, 2), np.float32)], [{}])  # the parent's inference thread exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(_predict_in_child).get(timeout=60)
+    assert result == 1.0
+
+
+def _predict_in_child() -> float:
+    return LoadedModel(RecordingModel()).predict([np.ones((1, 2, 2), np.float32)], [{}])[0]["p_covid19"]

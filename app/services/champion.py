@@ -16,7 +16,9 @@
   and model loads on short-lived threads: torch's CPU kernels run on OpenMP, and libgomp keeps one
   thread pool per application thread that ever ran a parallel region, for as long as that thread
   lives. A second live pool, even an idle one, made every forward 1.5-2x slower on the 2-core host
-  (``benchmarks/RESULTS.md``); FastAPI's request threads would each have grown one.
+  (``benchmarks/RESULTS.md``); FastAPI's request threads would each have grown one. The loaded
+  versions share that thread, so a heatmap of an earlier version's prediction and a new prediction
+  run one after the other (each already uses every core).
 
 Serving verifies approval before it publishes (MLflow has no access control: anyone who can reach
 it can move the alias or replace artefact files). For the version the alias names it asks
@@ -32,6 +34,7 @@ per (version, reason), counts ``cxr_champion_verification_failures_total{reason}
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -62,6 +65,11 @@ class InferenceThread:
     def _remember(self) -> None:
         self.ident = threading.get_ident()
 
+    def _forget_after_fork(self) -> None:
+        # a forked child has no copy of the thread: it starts its own on first use
+        self._lock = threading.Lock()
+        self._executor, self.ident = None, None
+
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if threading.get_ident() == self.ident:
             return fn(*args, **kwargs)
@@ -74,6 +82,7 @@ class InferenceThread:
 
 
 inference_thread = InferenceThread()
+os.register_at_fork(after_in_child=inference_thread._forget_after_fork)
 
 
 def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
