@@ -226,19 +226,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/readyz",
-                  transport: tuple[str, ...] = (), tree: Path = REPO) -> tuple[subprocess.Popen, str]:
-    """A uvicorn subprocess serving ``app`` from the checkout ``tree``; ``transport``: extra uvicorn options
-    (``--http h11 --loop asyncio``); none = uvicorn's ``auto``, as ``cxr serve`` runs it (httptools +
-    uvloop when installed)."""
+def _spawn(home: Path, argv: list[str], ready: str, cwd: Path = REPO,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``argv`` as a subprocess on a free 127.0.0.1 port (``{port}`` in ``argv`` is replaced by it; output to
+    ``bench-server.log``), returned once ``ready`` answers."""
     import httpx
 
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{REPO / 'benchmarks'}")
+    argv = [a.replace("{port}", str(port)) for a in argv]
     log = open(home / "bench-server.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", app, "--factory", "--host",
-                             "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning", *transport],
-                            cwd=str(tree), env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -254,28 +251,24 @@ def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/
     raise SystemExit("server not ready in 180 s")
 
 
-def _commit(tree: Path) -> str | None:
-    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or None
+def _start_server(home: Path, app: str = "app.main:app_factory", ready: str = "/readyz",
+                  transport: tuple[str, ...] = (), tree: Path = REPO) -> tuple[subprocess.Popen, str]:
+    """A uvicorn subprocess serving ``app`` from the checkout ``tree``; ``transport``: extra uvicorn options
+    (``--http h11 --loop asyncio``); none = uvicorn's ``auto``, as ``cxr serve`` runs it (httptools +
+    uvloop when installed)."""
+    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{REPO / 'benchmarks'}")
+    return _spawn(home, [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", "{port}",
+                         "--no-access-log", "--log-level", "warning", *transport], ready, cwd=tree, env=env)
 
 
 def _start_wire_floor(home: Path) -> tuple[subprocess.Popen, str]:
     """``_wire_floor_server.py`` in its own process: the least any server can spend receiving the upload."""
-    import httpx
+    return _spawn(home, [sys.executable, str(REPO / "benchmarks" / "_wire_floor_server.py"), "{port}"], "/")
 
-    port = _free_port()
-    log = open(home / "bench-server.log", "ab")
-    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "_wire_floor_server.py"), str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(url + "/", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("wire-floor server not ready")
+
+def _commit(tree: Path) -> str | None:
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 def _level(url: str, token: str, data: bytes, concurrency: int, n: int) -> dict:

@@ -88,20 +88,8 @@ os.register_at_fork(after_in_child=inference_thread._forget_after_fork)
 def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on a new thread that exits when it returns, so that the OpenMP pool a model load
     may create (tensor copies run in parallel) dies with it and does not slow ``inference_thread``."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            out["error"] = exc
-
-    worker = threading.Thread(target=target, name="cxr-model-load", daemon=True)
-    worker.start()
-    worker.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-model-load") as one_off:
+        return one_off.submit(fn, *args).result()  # leaving the block joins the thread
 
 
 def champion_version() -> str | None:
