@@ -309,6 +309,9 @@ def main() -> None:
     ap.add_argument("--wire-floor", action="store_true",
                     help="also time the same upload to a plain blocking socket that only receives it (no HTTP "
                          "framework, no multipart parsing): the least any server on this host can spend on it")
+    ap.add_argument("--uvicorn-floor", action="store_true",
+                    help="also time the same upload to a bare ASGI app on uvicorn that only receives it (no FastAPI, "
+                         "no multipart parsing): the least any application on the project's server can spend on it")
     ap.add_argument("--encoder", default="small", choices=("small", "densenet121"),
                     help="encoder of a champion bootstrapped into an empty --home (small: 64 px; densenet121: the "
                          "clinical default, 224 px)")
@@ -351,6 +354,10 @@ def main() -> None:
             p, u = _start_wire_floor(home)
             procs.append(p)
             others["wire_floor"] = (u, False, ())
+        if args.uvicorn_floor:
+            p, u = _start_server(home, "_uvicorn_floor_app:build", "/")
+            procs.append(p)
+            others["uvicorn_floor"] = (u, False, ())
         if args.compare_h11:
             p, u = _start_server(home, transport=("--http", "h11", "--loop", "asyncio"))
             procs.append(p)
@@ -406,6 +413,10 @@ def main() -> None:
             w = r["wire_floor_p50_s"]
             print(f"{'':<13} wire floor (same upload, a plain blocking socket that only receives it) p50 {w:.3f} s; "
                   f"ratio of raw + wire floor alone, no server work at all: {(r['p50_s'] + w) / r['p50_s']:.2f}")
+        if "uvicorn_floor_p50_s" in r:
+            v = r["uvicorn_floor_p50_s"]
+            print(f"{'':<13} uvicorn floor (same upload, a bare ASGI app on uvicorn that only receives it) p50 {v:.3f} s; "
+                  f"ratio of raw + uvicorn floor alone: {(r['p50_s'] + v) / r['p50_s']:.2f}")
         if "overlap_probe_p50_s" in r:
             o = r["overlap_probe_p50_s"]
             own = c1[kind]["p50_s"] - r["p50_s"] - r.get("transport_floor_p50_s", float("nan"))
