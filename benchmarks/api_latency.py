@@ -14,6 +14,13 @@ With no champion in ``--home`` it bootstraps one: synthetic cohort (40 patients)
 measure the serving path (upload, decode, storage, audit, auth), which dominates on CPU anyway.
 ``--encoder densenet121`` bootstraps the clinical default instead (DenseNet-121, 224 px) into an empty
 ``--home``: the same ratio with a forward pass of clinical size.
+
+``--device cuda`` (a GPU machine; refused with a clear message without CUDA) serves and measures on the
+GPU: the API servers run with ``CXR_DEVICE=cuda`` (micro-batching and CUDA-graph replay switch on by
+themselves, ``models.batching``), the raw path loads the model on the GPU, and the model part alone is
+timed at batch 1, eager and through a captured CUDA graph. Use ``--levels 1,16,64`` there.
+``--device cpu`` forces the CPU on a GPU machine; without ``--device`` the server picks (``CXR_DEVICE``, else
+CUDA when present).
 """
 from __future__ import annotations
 
@@ -151,7 +158,8 @@ def _retain_freed_memory() -> bool:
 
 
 def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: int,
-               others: dict[str, tuple[str, bool, tuple[str, ...]]] | None = None) -> tuple[dict, dict]:
+               others: dict[str, tuple[str, bool, tuple[str, ...]]] | None = None,
+               device: str = "cpu") -> tuple[dict, dict]:
     """Concurrency 1: raw in-process decode+forward and one API request, alternated, so that both see
     the same machine load (the CPUs are shared); returns (raw, api) per input. ``others``: name ->
     (url, authenticated, input kinds or () for all) of further servers timed with the same upload in
@@ -164,7 +172,7 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
     from models.registry import load_clinical_model
 
     s = get_settings()
-    model = load_clinical_model(version)
+    model = load_clinical_model(version, device=device)
     vit = parse_vitals(VITALS, strict=True)
     raw, api = {}, {}
     auth = {"Authorization": f"Bearer {token}"}
@@ -200,6 +208,54 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
                          "p99_s": _pct(at, 0.99), "throughput_per_s": n / sum(at), "wall_s": wall,
                          "note": "alternated with the raw measurement, 0.2 s apart; throughput = 1 / mean latency"}
     return raw, api
+
+
+def _model_part(version: str, data: bytes, device: str, n: int) -> dict:
+    """The model alone at batch 1 (the prepared image in hand, no decode): median seconds over ``n`` calls of
+    ``ClinicalModel.predict``, and on CUDA also of ``CudaGraphPredictor.predict`` (one captured graph of
+    batch 1; the serving path's replay). CUDA timings synchronise the device before the clock stops."""
+    import torch
+
+    from core.config import get_settings
+    from models.preprocessing import decode_and_prepare, parse_vitals
+    from models.registry import load_clinical_model
+
+    s = get_settings()
+    model = load_clinical_model(version, device=device)
+    _, img = decode_and_prepare(data, s.cache_image_size, max_pixels=s.max_image_pixels, reduced=s.reduced_decode)
+    vit = parse_vitals(VITALS, strict=True)
+    runners = {"eager": model.predict}
+    if device == "cuda":
+        from models.batching import CudaGraphPredictor
+
+        runners["cuda_graph"] = CudaGraphPredictor(model, (1,)).predict
+    out = {"device": device, "n": n, "torch_threads": torch.get_num_threads()}
+    for name, predict in runners.items():
+        for _ in range(3):
+            predict([img], [vit])  # warm-up: kernels chosen, caches filled
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            predict([img], [vit])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_p50_s"], out[f"{name}_p95_s"] = statistics.median(times), _pct(times, 0.95)
+    return out
+
+
+def _check_device(device: str | None) -> None:
+    """``--device``: refuse CUDA where there is none (rather than measure the CPU under a GPU label), and
+    pass the choice to the API servers through ``CXR_DEVICE``."""
+    if device is None:
+        return
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available on this machine (no GPU, or a CPU-only torch "
+                             "build); run without --device, or on a GPU machine")
+    os.environ["CXR_DEVICE"] = device
 
 
 def _check_overlap_probe(data: bytes) -> None:
@@ -312,6 +368,9 @@ def main() -> None:
     ap.add_argument("--uvicorn-floor", action="store_true",
                     help="also time the same upload to a bare ASGI app on uvicorn that only receives it (no FastAPI, "
                          "no multipart parsing): the least any application on the project's server can spend on it")
+    ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                    help="serve and measure on this device (default: the server's choice, CUDA when present); "
+                         "cuda also times the model part alone at batch 1, eager and by CUDA-graph replay")
     ap.add_argument("--encoder", default="small", choices=("small", "densenet121"),
                     help="encoder of a champion bootstrapped into an empty --home (small: 64 px; densenet121: the "
                          "clinical default, 224 px)")
@@ -330,6 +389,7 @@ def main() -> None:
     args = ap.parse_args()
     home = (args.home or Path(tempfile.mkdtemp(prefix="cxr-bench-"))).resolve()
     _setup_env(home)
+    _check_device(args.device)
 
     token = _ensure_users()
     version = _ensure_champion(home, args.encoder)
@@ -370,7 +430,10 @@ def main() -> None:
         levels = [int(x) for x in args.levels.split(",")]
         if args.steady_allocator:
             print("raw path measured with the allocator in steady state (mallopt):", _retain_freed_memory())
-        raw, c1 = _paired_c1(url, token, version, inputs, max(args.requests, 1), others)
+        from app.services.champion import inference_device
+
+        device = inference_device()  # CXR_DEVICE (set from --device) or what the servers pick by themselves
+        raw, c1 = _paired_c1(url, token, version, inputs, max(args.requests, 1), others, device=device)
         api: dict[str, list[dict]] = {k: [c1[k]] if 1 in levels else [] for k in inputs}
         for kind, data in inputs.items():
             for c in levels:
@@ -381,6 +444,8 @@ def main() -> None:
             p.terminate()
             p.wait(timeout=60)
 
+    model_part = _model_part(version, inputs["uncompressed"], device, max(args.requests, 20))  # servers stopped
+
     import importlib.util
 
     import torch
@@ -388,7 +453,7 @@ def main() -> None:
     server_transport = " + ".join(m for m in ("httptools", "uvloop") if importlib.util.find_spec(m)) or "h11 + asyncio"
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
-              "model_version": version, "input_bytes": sizes, "raw": raw, "api": api,
+              "model_version": version, "input_bytes": sizes, "raw": raw, "api": api, "model_part": model_part,
               "api_server_transport": server_transport, "raw_steady_allocator": bool(args.steady_allocator),
               "commit": _commit(REPO), "compare_tree_commit": _commit(args.compare_tree) if args.compare_tree else None}
     print(f"API server transport (uvicorn auto): {server_transport}")
@@ -431,6 +496,10 @@ def main() -> None:
             h = r["api_h11_p50_s"]
             print(f"{'':<13} the same API on h11 + asyncio p50 {h:.3f} s (ratio {h / r['p50_s']:.2f}); "
                   f"{server_transport} saves {h - c1[kind]['p50_s']:+.3f} s")
+    graph = (f"; CUDA-graph replay p50 {model_part['cuda_graph_p50_s'] * 1000:.2f} ms (goal <= 2.5 ms)"
+             if "cuda_graph_p50_s" in model_part else "")
+    print(f"\nmodel part alone, batch 1 on {device} (n = {model_part['n']}): eager p50 "
+          f"{model_part['eager_p50_s'] * 1000:.2f} ms, p95 {model_part['eager_p95_s'] * 1000:.2f} ms{graph}")
     result["api_c1_alternated"] = True
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

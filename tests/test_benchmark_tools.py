@@ -1,6 +1,7 @@
-"""The floors ``benchmarks/api_latency.py`` compares the API with must wait for the whole upload before
-they answer: a floor that answered early would make the API's overhead look larger than it is. Real
-servers on loopback: the uvicorn floor through uvicorn, the wire floor as its own process."""
+"""``benchmarks/api_latency.py``'s own parts. The floors it compares the API with must wait for the whole
+upload before they answer: a floor that answered early would make the API's overhead look larger than it
+is (real servers on loopback: the uvicorn floor through uvicorn, the wire floor as its own process).
+``--device cuda`` must refuse a machine without CUDA rather than time the CPU under a GPU label."""
 from __future__ import annotations
 
 import socket
@@ -81,3 +82,12 @@ def test_wire_floor_answers_each_request_only_after_its_whole_body():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: nothing to refuse")
+def test_device_cuda_is_refused_without_cuda(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "api_latency.py"), "--home", str(tmp_path), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "--device cuda: CUDA is not available on this machine" in done.stderr
+    assert not (tmp_path / "bench-server.log").exists()  # refused before any server or bootstrap
