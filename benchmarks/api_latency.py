@@ -18,7 +18,9 @@ measure the serving path (upload, decode, storage, audit, auth), which dominates
 ``--device cuda`` (a GPU machine; refused with a clear message without CUDA) serves and measures on the
 GPU: the API servers run with ``CXR_DEVICE=cuda`` (micro-batching and CUDA-graph replay switch on by
 themselves, ``models.batching``), the raw path loads the model on the GPU, and the model part alone is
-timed at batch 1, eager and through a captured CUDA graph. Use ``--levels 1,16,64`` there.
+timed at batch 1, eager and through a captured CUDA graph. Use ``--levels 1,16,64`` there. The raw path
+runs the model eagerly, while the API replays graphs: on a GPU the ratio flatters the API by the difference
+of the two model-part figures, which are printed next to it.
 ``--device cpu`` forces the CPU on a GPU machine; without ``--device`` the server picks (``CXR_DEVICE``, else
 CUDA when present).
 """
