@@ -159,9 +159,8 @@ def _retain_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 256 * 2**20))
 
 
-def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: int,
-               others: dict[str, tuple[str, bool, tuple[str, ...]]] | None = None,
-               device: str = "cpu") -> tuple[dict, dict]:
+def _paired_c1(url: str, token: str, model, inputs: dict[str, bytes], n: int,
+               others: dict[str, tuple[str, bool, tuple[str, ...]]] | None = None) -> tuple[dict, dict]:
     """Concurrency 1: raw in-process decode+forward and one API request, alternated, so that both see
     the same machine load (the CPUs are shared); returns (raw, api) per input. ``others``: name ->
     (url, authenticated, input kinds or () for all) of further servers timed with the same upload in
@@ -171,10 +170,8 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
 
     from core.config import get_settings
     from models.preprocessing import parse_vitals
-    from models.registry import load_clinical_model
 
     s = get_settings()
-    model = load_clinical_model(version, device=device)
     vit = parse_vitals(VITALS, strict=True)
     raw, api = {}, {}
     auth = {"Authorization": f"Bearer {token}"}
@@ -212,7 +209,7 @@ def _paired_c1(url: str, token: str, version: str, inputs: dict[str, bytes], n: 
     return raw, api
 
 
-def _model_part(version: str, data: bytes, device: str, n: int) -> dict:
+def _model_part(model, data: bytes, n: int) -> dict:
     """The model alone at batch 1 (the prepared image in hand, no decode): median seconds over ``n`` calls of
     ``ClinicalModel.predict``, and on CUDA also of ``CudaGraphPredictor.predict`` (one captured graph of
     batch 1; the serving path's replay). CUDA timings synchronise the device before the clock stops."""
@@ -220,10 +217,9 @@ def _model_part(version: str, data: bytes, device: str, n: int) -> dict:
 
     from core.config import get_settings
     from models.preprocessing import decode_and_prepare, parse_vitals
-    from models.registry import load_clinical_model
 
     s = get_settings()
-    model = load_clinical_model(version, device=device)
+    device = str(model.device)
     _, img = decode_and_prepare(data, s.cache_image_size, max_pixels=s.max_image_pixels, reduced=s.reduced_decode)
     vit = parse_vitals(VITALS, strict=True)
     runners = {"eager": model.predict}
@@ -433,9 +429,11 @@ def main() -> None:
         if args.steady_allocator:
             print("raw path measured with the allocator in steady state (mallopt):", _retain_freed_memory())
         from app.services.champion import inference_device
+        from models.registry import load_clinical_model
 
         device = inference_device()  # CXR_DEVICE (set from --device) or what the servers pick by themselves
-        raw, c1 = _paired_c1(url, token, version, inputs, max(args.requests, 1), others, device=device)
+        model = load_clinical_model(version, device=device)  # the raw path's and the model part's
+        raw, c1 = _paired_c1(url, token, model, inputs, max(args.requests, 1), others)
         api: dict[str, list[dict]] = {k: [c1[k]] if 1 in levels else [] for k in inputs}
         for kind, data in inputs.items():
             for c in levels:
@@ -446,7 +444,7 @@ def main() -> None:
             p.terminate()
             p.wait(timeout=60)
 
-    model_part = _model_part(version, inputs["uncompressed"], device, max(args.requests, 20))  # servers stopped
+    model_part = _model_part(model, inputs["uncompressed"], max(args.requests, 20))  # servers stopped
 
     import importlib.util
 

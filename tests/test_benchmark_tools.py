@@ -12,14 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from api_fixtures import free_port
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _serve(argv: list[str], url: str) -> subprocess.Popen:
@@ -42,7 +37,7 @@ def _upload(size: int) -> tuple[dict, bytes]:
 
 
 def test_uvicorn_floor_receives_the_whole_multipart_upload_on_a_kept_alive_connection():
-    port = _port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _serve([sys.executable, "-m", "uvicorn", "_uvicorn_floor_app:build", "--factory", "--port", str(port),
                    "--log-level", "warning"], url)
@@ -62,7 +57,7 @@ def test_uvicorn_floor_receives_the_whole_multipart_upload_on_a_kept_alive_conne
 
 
 def test_wire_floor_answers_each_request_only_after_its_whole_body():
-    port = _port()
+    port = free_port()
     proc = _serve([sys.executable, str(BENCH / "_wire_floor_server.py"), str(port)], f"http://127.0.0.1:{port}/")
     try:
         body = b"x" * (2 * 2**20)
